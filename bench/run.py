@@ -1,0 +1,789 @@
+"""Benchmark of tracking.py against loopback Elasticsearch stand-ins this script starts itself.
+
+Usage: python bench/run.py [--runs N] [--quick] [--output FILE] [--json FILE]
+
+Every figure is the median of whole-process runs. The variants of a comparison run interleaved,
+in a shuffled order each round, so that drift on a noisy machine hits them alike; each is then
+judged as a ratio measured in the same run. Absolute times are printed, never asserted.
+
+1. time to delivered over HTTP and HTTPS (TLS verified against a test CA made with openssl):
+   tracking.py vs bench/floor.py (one urllib PUT) vs curl. Target: probe <= 1.10 x floor.
+2. fan-out to 1, 5 and 20 servers. Target: 5 servers <= 1.3 x one server.
+3. a blackholed server (accepts, never answers) beside a healthy one, timeout T:
+   total <= T + 0.5 s; the healthy document arrives in about the single-server time.
+4. peak RSS of each variant (ru_maxrss of the child, forked from a small spawner process).
+5. import cost: start-up ladder and `python -X importtime -c "import tracking"`.
+6. inside the image (podman), with and without the precompiled standard library.
+
+"Time to delivered" runs from the moment the spawner forks the child to the moment the loopback
+server has read the whole document and answered 201 (CLOCK_MONOTONIC in both processes).
+
+Exit status: 0 when the benchmark ran (targets met or not), 1 when a variant never delivered,
+2 on a usage error.
+"""
+
+import argparse
+import http.server
+import json
+import os
+import platform
+import random
+import select
+import shutil
+import socket
+import socketserver
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+import floor  # noqa: E402  (shares build_document with the curl variant)
+
+TEMPLATE = ("bench", "1.0.0")
+BASE_ENV = {
+    "CI_SERVER_URL": "https://gitlab.example.com",
+    "CI_PROJECT_ID": "4242",
+    "CI_PROJECT_URL": "https://gitlab.example.com/group/project",
+    "CI_COMMIT_REF_NAME": "main",
+    "CI_JOB_NAME": "build",
+    "CI_JOB_STAGE": "build",
+    "CI_PIPELINE_ID": "9000",
+    "CI_PIPELINE_URL": "https://gitlab.example.com/group/project/-/pipelines/9000",
+    "CI_RUNNER_ID": "7",
+    "CI_RUNNER_DESCRIPTION": "bench runner",
+    "CI_RUNNER_TAGS": '["docker", "linux"]',
+    "CI_RUNNER_VERSION": "17.4.1",
+    "GITLAB_USER_ID": "12",
+    "GITLAB_USER_LOGIN": "bench",
+}
+FANOUT = (1, 5, 20)
+PROBE_TARGET, FANOUT_TARGET, BLACKHOLE_SLACK = 1.10, 1.3, 0.5
+IMPORT_BASELINE = "import json, urllib.request, ssl"
+
+
+def log(message):
+    print("bench: " + message, file=sys.stderr, flush=True)
+
+
+# ==== Test certificates (openssl CLI; the standard library cannot make them)
+
+
+def make_certificates(directory):
+    """A test CA and a server certificate for 127.0.0.1/localhost; None when openssl is missing."""
+    if not shutil.which("openssl"):
+        return None
+
+    def path(name):
+        return os.path.join(directory, name)
+
+    with open(path("server.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n")
+    commands = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tracking bench CA",
+         "-keyout", path("ca.key"), "-out", path("ca.pem"),
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+         "-addext", "subjectKeyIdentifier=hash"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-keyout", path("server.key"), "-out", path("server.csr")],
+        ["x509", "-req", "-days", "2", "-in", path("server.csr"), "-CA", path("ca.pem"), "-CAkey", path("ca.key"),
+         "-CAcreateserial", "-extfile", path("server.ext"), "-out", path("server.pem")],
+    ]
+    for command in commands:
+        subprocess.run(["openssl"] + command, check=True, capture_output=True)
+    return {"ca": path("ca.pem"), "cert": path("server.pem"), "key": path("server.key")}
+
+
+# ==== Loopback servers
+
+
+class Deliveries:
+    """What every stand-in received: (server number, job id, monotonic time after the 201 went out)."""
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self.records = []
+
+    def add(self, server, job_id):
+        now = time.monotonic()
+        with self.condition:
+            self.records.append((server, job_id, now))
+            self.condition.notify_all()
+
+    def wait_for(self, job_id, servers, timeout):
+        """{server: time} for the servers that got the job's document, waiting up to timeout for all."""
+        deadline = time.monotonic() + timeout
+        with self.condition:
+            while True:
+                got = {s: t for s, j, t in self.records if j == job_id and s in servers}
+                left = deadline - time.monotonic()
+                if len(got) == len(servers) or left <= 0:
+                    return got
+                self.condition.wait(left)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+
+    def do_PUT(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            job_id = json.loads(body)["ci"]["job"]["id"]
+        except (ValueError, KeyError, TypeError):
+            job_id = None
+        answer = json.dumps({"_index": self.path.split("/")[1], "result": "created", "_version": 1}).encode()
+        self.send_response(201 if job_id is not None else 400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+        if job_id is not None and "/_create/" in self.path:
+            self.server.deliveries.add(self.server.number, job_id)
+
+    do_POST = do_PUT
+
+    def do_GET(self):  # enough of Elasticsearch's root answer for anything that asks
+        answer = b'{"version":{"number":"8.17.0"},"tagline":"You Know, for Search"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+class StandIn(http.server.ThreadingHTTPServer):
+    """An Elasticsearch stand-in on 127.0.0.1, port 0; TLS is negotiated in the connection's thread."""
+
+    def __init__(self, number, deliveries, tls):
+        self.number, self.deliveries, self.tls = number, deliveries, tls
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    def server_bind(self):  # skips HTTPServer's getfqdn() lookup
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def finish_request(self, request, client_address):
+        if self.tls:
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError):
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        pass
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.server_port)
+
+
+class Blackhole:
+    """Accepts TCP connections and never answers (nor completes a TLS handshake)."""
+
+    def __init__(self, scheme):
+        self.socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.url = "%s://127.0.0.1:%d" % (scheme, self.socket.getsockname()[1])
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.socket.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        for connection in self.held:
+            connection.close()
+        self.socket.close()
+
+
+class Servers:
+    """All stand-ins of one benchmark run, started once and reused by every run."""
+
+    def __init__(self, certificates):
+        self.deliveries = Deliveries()
+        self.tls = None
+        if certificates:
+            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls.load_cert_chain(certificates["cert"], certificates["key"])
+        self.started = []
+
+    def start(self, scheme, count):
+        tls = self.tls if scheme == "https" else None
+        servers = []
+        for _ in range(count):
+            server = StandIn(len(self.started), self.deliveries, tls)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.started.append(server)
+            servers.append(server)
+        return servers
+
+    def close(self):
+        stoppers = [threading.Thread(target=s.shutdown) for s in self.started]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+        for server in self.started:
+            server.server_close()
+
+
+# ==== Spawning: a small process forks every run, so ru_maxrss is the child's own
+#
+# On Linux a process's ru_maxrss keeps the peak of the image it was exec'd from; a child started
+# straight from this process (tens of MB of threads and TLS) would report our size, not its own.
+
+SPAWNER = r"""
+import json, os, sys, time
+for line in sys.stdin:
+    job = json.loads(line)
+    out = os.open(job["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    err = os.open(job["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(out, 1); os.dup2(err, 2)
+            devnull = os.open(os.devnull, os.O_RDONLY); os.dup2(devnull, 0)
+            os.chdir(job["cwd"])
+            os.execve(job["argv"][0], job["argv"], job["env"])
+        finally:
+            os._exit(127)
+    os.close(out); os.close(err)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status, usage = os.wait4(pid, 0)
+    exited = time.monotonic()
+    print(json.dumps({"started": started, "exited": exited, "status": os.waitstatus_to_exitcode(status),
+                      "maxrss_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
+"""
+
+
+class Spawner:
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.process = subprocess.Popen([sys.executable, "-I", "-S", "-c", SPAWNER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def _read(self, timeout):
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        return json.loads(self.process.stdout.readline()) if ready else None
+
+    def run(self, argv, env, cwd=ROOT, timeout=60.0):
+        """Runs argv to its end: {started, exited, status, maxrss_kib, cpu, stdout, stderr}."""
+        out, err = os.path.join(self.workdir, "stdout"), os.path.join(self.workdir, "stderr")
+        argv = [shutil.which(argv[0]) or argv[0]] + list(argv[1:])
+        self.process.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": cwd, "out": out, "err": err}) + "\n")
+        pid = self._read(10)["pid"]
+        result = self._read(timeout)
+        if result is None:
+            os.kill(pid, 9)
+            result = self._read(10)
+            result["status"] = "killed after %gs" % timeout
+        with open(out, errors="replace") as f:
+            result["stdout"] = f.read()
+        with open(err, errors="replace") as f:
+            result["stderr"] = f.read()
+        return result
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+# ==== Variants and runs
+
+
+class Case:
+    """One variant (probe, floor or curl) against a set of servers, run again every round."""
+
+    def __init__(self, name, kind, servers, blackholes=(), timeout=5.0):
+        self.name, self.kind, self.servers, self.blackholes, self.timeout = name, kind, servers, blackholes, timeout
+        self.runs = []
+
+    def ok_runs(self):
+        return [r for r in self.runs if r["ok"]]
+
+    def median(self, key):
+        values = [r[key] for r in self.ok_runs() if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    def quartiles(self, key):
+        values = sorted(r[key] for r in self.ok_runs() if r.get(key) is not None)
+        if len(values) < 4:
+            return (values[0], values[-1]) if values else (None, None)
+        q = statistics.quantiles(values, n=4)
+        return q[0], q[2]
+
+
+class Bench:
+    def __init__(self, options, workdir):
+        self.options = options
+        self.workdir = workdir
+        self.python = options.python
+        self.probe = options.probe
+        self.certificates = None if options.no_tls else make_certificates(workdir)
+        self.servers = Servers(self.certificates)
+        self.spawner = Spawner(workdir)
+        self.curl = shutil.which("curl")
+        self.job_ids = iter(range(int(time.time()) * 1000, 1 << 62))
+        self.notes = []
+
+    def close(self):
+        self.spawner.close()
+        self.servers.close()
+
+    def configuration(self, urls, timeout):
+        clients = []
+        for url in urls:
+            client = {"url": url, "timeout": timeout, "esMajorVersion": 8, "indexPrefix": "tbc-",
+                      "authentication": {"username": "bench", "password": "bench-password"}}
+            if url.startswith("https:"):
+                client["caCertificate"] = self.certificates["ca"]
+            clients.append(client)
+        return {"clients": clients}
+
+    def environment(self, case, job_id):
+        urls = [s.url for s in case.servers] + [b.url for b in case.blackholes]
+        env = dict(BASE_ENV, PATH=os.environ.get("PATH", "/usr/bin:/bin"), CI_JOB_ID=str(job_id),
+                   CI_JOB_URL="https://gitlab.example.com/group/project/-/jobs/%d" % job_id,
+                   TRACKING_CONFIGURATION=json.dumps(self.configuration(urls, case.timeout)),
+                   TRACKING_TEMPLATE_NAME=TEMPLATE[0], TRACKING_TEMPLATE_VERSION=TEMPLATE[1])
+        return env
+
+    def command(self, case, env):
+        if case.kind == "probe":
+            return [self.python, self.probe] + list(TEMPLATE)
+        if case.kind == "floor":
+            return [self.python, os.path.join(BENCH, "floor.py")] + list(TEMPLATE)
+        # curl sends the floor's document, written to a file before the clock starts
+        now = time.time()
+        body = os.path.join(self.workdir, "body.json")
+        with open(body, "w") as f:
+            json.dump(floor.build_document(env, TEMPLATE[0], TEMPLATE[1], now), f, separators=(",", ":"))
+        path = "/tbc-ci-job-%s/_create/%s" % (time.strftime("%Y.%m", time.gmtime(now)), floor.document_id(env, TEMPLATE[0]))
+        argv = [self.curl, "-sS", "-X", "PUT", "-H", "Content-Type: application/json", "--data-binary", "@" + body,
+                "-u", "bench:bench-password", "--max-time", str(case.timeout)]
+        if any(s.url.startswith("https:") for s in case.servers):
+            argv += ["--cacert", self.certificates["ca"], "--tlsv1.2"]
+        if len(case.servers) > 1:
+            argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(len(case.servers))]
+        return argv + [s.url + path for s in case.servers]
+
+    def run_once(self, case):
+        job_id = next(self.job_ids)
+        env = self.environment(case, job_id)
+        result = self.spawner.run(self.command(case, env), env, timeout=case.timeout * 3 + 30)
+        wanted = {s.number for s in case.servers}
+        got = self.servers.deliveries.wait_for(job_id, wanted, timeout=1.0)
+        run = {"exit": result["exited"] - result["started"], "status": result["status"],
+               "rss_mib": result["maxrss_kib"] / 1024, "cpu": result["cpu"],
+               "delivered": max(got.values()) - result["started"] if len(got) == len(wanted) else None,
+               "stderr": result["stderr"][-2000:]}
+        run["ok"] = run["delivered"] is not None and run["status"] == 0
+        case.runs.append(run)
+        return run
+
+    def rounds(self, cases, rounds, warmup=1):
+        """Runs every case once per round, in a new shuffled order each round."""
+        order = random.Random(len(cases) * 7919 + rounds)
+        for number in range(warmup + rounds):
+            shuffled = list(cases)
+            order.shuffle(shuffled)
+            for case in shuffled:
+                run = self.run_once(case)
+                if number < warmup:
+                    case.runs.pop()
+                    if not run["ok"]:
+                        log("%s: warm-up run failed (status %s): %s" % (case.name, run["status"], run["stderr"]))
+
+
+# ==== Sections
+
+
+def delivery_cases(bench):
+    """Items 1, 2 and 4: HTTP and HTTPS single-server cases plus the HTTPS fan-out."""
+    kinds = ["probe", "floor"] + (["curl"] if bench.curl else [])
+    cases = {}
+    schemes = ["http"] + (["https"] if bench.certificates else [])
+    for scheme in schemes:
+        sizes = FANOUT if scheme == schemes[-1] else (1,)
+        for size in sizes:
+            servers = bench.servers.start(scheme, size)
+            for kind in kinds:
+                cases[(scheme, size, kind)] = Case("%s %s x%d" % (kind, scheme, size), kind, servers)
+    return cases
+
+
+def blackhole_case(bench, scheme, timeout):
+    healthy = bench.servers.start(scheme, 1)
+    blackhole = Blackhole(scheme)
+    return Case("probe %s + blackhole" % scheme, "probe", healthy, blackholes=[blackhole], timeout=timeout), blackhole
+
+
+def parse_importtime(text):
+    """{module: (self_us, cumulative_us, depth)} from python -X importtime's stderr."""
+    modules = {}
+    for line in text.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        own, cumulative, name = line[len("import time:"):].split("|")
+        depth = (len(name) - len(name.lstrip())) // 2
+        modules[name.strip()] = (int(own), int(cumulative), depth)
+    return modules
+
+
+def import_costs(bench, rounds):
+    """Item 5: start-up ladder (whole process) and -X importtime of `import tracking` vs the baseline."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    probe_dir = os.path.dirname(bench.probe)
+    ladder = {
+        "python -c pass": [bench.python, "-c", "pass"],
+        "python -c \"%s\"" % IMPORT_BASELINE: [bench.python, "-c", IMPORT_BASELINE],
+        "python -c \"import tracking\"": [bench.python, "-c", "import tracking"],
+        "python tracking.py --dry-run": [bench.python, bench.probe, "--dry-run"] + list(TEMPLATE),
+    }
+    dry_env = dict(env, CI_JOB_ID="1", TRACKING_CONFIGURATION=json.dumps(bench.configuration(["http://127.0.0.1:9"], 5)))
+    times = {name: [] for name in ladder}
+    traces = {"tracking": [], "baseline": []}
+    for number in range(rounds + 1):
+        for name, argv in ladder.items():
+            result = bench.spawner.run(argv, dry_env, cwd=probe_dir)
+            if number and result["status"] == 0:
+                times[name].append(result["exited"] - result["started"])
+        for label, code in (("tracking", "import tracking"), ("baseline", IMPORT_BASELINE)):
+            result = bench.spawner.run([bench.python, "-X", "importtime", "-c", code], env, cwd=probe_dir)
+            if number:
+                traces[label].append(parse_importtime(result["stderr"]))
+    with open(bench.probe, "rb") as f:
+        source = f.read()
+    compile_times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        compile(source, bench.probe, "exec")
+        compile_times.append(time.perf_counter() - started)
+    return times, traces, statistics.median(compile_times)
+
+
+def summarise_imports(traces, top):
+    """Median cumulative time per module under `import tracking`, with whether the baseline has it."""
+    def medians(runs):
+        names = set().union(*runs) if runs else set()
+        return {n: (statistics.median(r[n][1] for r in runs if n in r), statistics.median(r[n][0] for r in runs if n in r),
+                    min(r[n][2] for r in runs if n in r)) for n in names}
+
+    probe, baseline = medians(traces["tracking"]), medians(traces["baseline"])
+    rows = sorted(probe.items(), key=lambda item: -item[1][0])
+    extra = [(n, v) for n, v in rows if n not in baseline]
+    return {
+        "tracking_cumulative_us": probe.get("tracking", (0,))[0],
+        "baseline_cumulative_us": sum(v[0] for v in baseline.values() if v[2] == 0),
+        "top": rows[:top],
+        "extra": extra,
+        "extra_top_level_us": sum(v[0] for n, v in extra if v[2] <= 1 and n != "tracking"),
+    }
+
+
+def image_benchmark(bench, rounds):
+    """Item 6: cold start to delivered inside the image, with and without precompiled .pyc files.
+
+    Runs only where podman and the image exist. The variant without .pyc points
+    PYTHONPYCACHEPREFIX at a directory that cannot exist (/proc/...), so every start compiles the
+    standard library from source, as a distroless image without .pyc files does.
+    """
+    image = bench.options.image
+    podman = shutil.which("podman")
+    if not podman:
+        return "skipped: podman is not installed"
+    if not bench.certificates:
+        return "skipped: no test certificates (openssl missing or --no-tls)"
+    exists = subprocess.run([podman, "image", "exists", image], capture_output=True, timeout=60)
+    if exists.returncode != 0:
+        return "skipped: image %s not built (see the image issue)" % image
+    servers = bench.servers.start("https", 1)
+    with open(bench.certificates["ca"]) as f:
+        ca_pem = f.read()
+    cases = [Case("image, precompiled stdlib", "image", servers), Case("image, no .pyc", "image-nopyc", servers)]
+    order = random.Random(11)
+    for number in range(rounds + 1):
+        order.shuffle(cases)
+        for case in cases:
+            job_id = next(bench.job_ids)
+            config = bench.configuration([servers[0].url], 10)
+            config["clients"][0]["caCertificate"] = ca_pem
+            env = dict(BASE_ENV, CI_JOB_ID=str(job_id), TRACKING_CONFIGURATION=json.dumps(config),
+                       TRACKING_TEMPLATE_NAME=TEMPLATE[0], TRACKING_TEMPLATE_VERSION=TEMPLATE[1])
+            if case.kind == "image-nopyc":
+                env["PYTHONPYCACHEPREFIX"] = "/proc/tracking-bench-no-pyc"
+            name = "tracking-bench-%d" % job_id
+            argv = [podman, "run", "--rm", "--name", name, "--network", "host"]
+            for key, value in env.items():
+                argv += ["-e", "%s=%s" % (key, value)]
+            started = time.monotonic()
+            process = subprocess.Popen(argv + [image], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            got = bench.servers.deliveries.wait_for(job_id, {servers[0].number}, timeout=30)
+            try:  # a --service image stays up after delivering: stop it
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                subprocess.run([podman, "rm", "-f", name], capture_output=True, timeout=60)
+                process.wait()
+            exited = time.monotonic()
+            if number:
+                delivered = got[servers[0].number] - started if got else None
+                case.runs.append({"ok": delivered is not None, "delivered": delivered, "exit": exited - started})
+    return cases
+
+
+# ==== Report
+
+
+def machine():
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "%s, %d cores, %s %s, CPython %s" % (model, os.cpu_count() or 0, platform.system(), platform.release(),
+                                                 platform.python_version())
+
+
+def tool_versions(bench):
+    versions = []
+    if bench.curl:
+        versions.append(subprocess.run([bench.curl, "--version"], capture_output=True, text=True).stdout.split(" (")[0])
+    if shutil.which("openssl"):
+        versions.append(subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip().split(" (")[0])
+    return ", ".join(versions)
+
+
+def ms(seconds):
+    return "—" if seconds is None else "%.1f ms" % (seconds * 1000)
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def fmt_ratio(value, unit="floor"):
+    return "—" if value is None else "%.2f × %s" % (value, unit)
+
+
+def verdict(ok):
+    return "**met**" if ok else "**missed**"
+
+
+def spread(case, key="delivered"):
+    low, high = case.quartiles(key)
+    if low is None:
+        return "—"
+    return "%.1f–%.1f" % (low * 1000, high * 1000)
+
+
+def failures(case):
+    bad = len(case.runs) - len(case.ok_runs())
+    return "" if not bad else " (%d of %d runs failed)" % (bad, len(case.runs))
+
+
+def report(bench, cases, blackhole, imports, image, started):
+    options = bench.options
+    rows = []
+    targets = {}
+
+    def row(item, figure, value, spread_text, ratio_text, target=""):
+        rows.append("| %s | %s | %s | %s | %s | %s |" % (item, figure, value, spread_text, ratio_text, target))
+
+    kinds = ["probe", "floor"] + (["curl"] if bench.curl else [])
+    schemes = sorted({scheme for scheme, _, _ in cases}, key=["http", "https"].index)
+    for scheme in schemes:
+        base = cases[(scheme, 1, "floor")].median("delivered")
+        for kind in kinds:
+            case = cases[(scheme, 1, kind)]
+            value = case.median("delivered")
+            target = ""
+            if kind == "probe":
+                met = value is not None and base is not None and value <= PROBE_TARGET * base
+                targets["1 %s" % scheme] = met
+                target = "≤ %.2f × floor: %s" % (PROBE_TARGET, verdict(met))
+            row("1", "%s, %s: delivered (exit)" % (scheme.upper(), kind),
+                "%s (%s)%s" % (ms(value), ms(case.median("exit")), failures(case)), spread(case),
+                fmt_ratio(ratio(value, base)), target)
+    if not bench.curl:
+        row("1", "curl", "skipped: curl is not installed", "", "", "")
+    if not bench.certificates:
+        row("1", "HTTPS", "skipped: %s" % ("--no-tls" if options.no_tls else "openssl is not installed"), "", "", "")
+    fan_scheme = schemes[-1]
+    for kind in kinds:
+        one = cases[(fan_scheme, 1, kind)].median("delivered")
+        for size in FANOUT[1:]:
+            case = cases[(fan_scheme, size, kind)]
+            value = case.median("delivered")
+            target = ""
+            if kind == "probe" and size == 5:
+                met = value is not None and one is not None and value <= FANOUT_TARGET * one
+                targets["2 fan-out"] = met
+                target = "≤ %.1f × 1 server: %s" % (FANOUT_TARGET, verdict(met))
+            row("2", "%s fan-out, %s: %d servers, last delivered" % (fan_scheme.upper(), kind, size),
+                ms(value) + failures(case), spread(case), fmt_ratio(ratio(value, one), "1 server"), target)
+    bh_case, timeout = blackhole
+    total = bh_case.median("exit")
+    single = cases[(fan_scheme, 1, "probe")].median("delivered")
+    healthy = bh_case.median("delivered")
+    met_total = total is not None and total <= timeout + BLACKHOLE_SLACK
+    met_healthy = healthy is not None and single is not None and healthy <= max(FANOUT_TARGET * single, single + 0.05)
+    targets["3 blackhole"] = met_total and met_healthy
+    row("3", "blackhole + healthy %s, timeout T = %g s: process exit" % (fan_scheme.upper(), timeout),
+        ms(total) + failures(bh_case), spread(bh_case, "exit"), "T + %.2f s" % (total - timeout) if total else "—",
+        "≤ T + %.1f s: %s" % (BLACKHOLE_SLACK, verdict(met_total)))
+    row("3", "blackhole + healthy: healthy server delivered", ms(healthy), spread(bh_case),
+        fmt_ratio(ratio(healthy, single), "1 server"), "about single-server time: %s" % verdict(met_healthy))
+    rss_base = cases[(fan_scheme, 1, "floor")].median("rss_mib")
+    for kind in kinds:
+        for size in (1, FANOUT[-1]):
+            value = cases[(fan_scheme, size, kind)].median("rss_mib")
+            row("4", "peak RSS, %s %s, %d server%s" % (kind, fan_scheme.upper(), size, "s" if size > 1 else ""),
+                "—" if value is None else "%.1f MiB" % value, "", fmt_ratio(ratio(value, rss_base)), "")
+    times, traces, compile_time = imports
+    summary = summarise_imports(traces, options.top)
+    ladder_base = statistics.median(times["python -c \"%s\"" % IMPORT_BASELINE] or [0]) or None
+    for name, values in times.items():
+        value = statistics.median(values) if values else None
+        row("5", "start-up: `%s` (exit)" % name, ms(value) if values else "failed", "",
+            fmt_ratio(ratio(value, ladder_base), "baseline imports"), "")
+    row("5", "`-X importtime`: `import tracking`, cumulative", ms(summary["tracking_cumulative_us"] / 1e6), "",
+        fmt_ratio(ratio(summary["tracking_cumulative_us"], summary["baseline_cumulative_us"]), "baseline imports"), "")
+    row("5", "`-X importtime`: `%s`, cumulative" % IMPORT_BASELINE, ms(summary["baseline_cumulative_us"] / 1e6), "", "", "")
+    row("5", "compiling tracking.py (every `python tracking.py` pays it: no .pyc for a script)", ms(compile_time), "", "", "")
+    if isinstance(image, str):
+        row("6", "image: cold start to delivered", image, "", "", "")
+    else:
+        base = image[0].median("delivered") if image[0].kind == "image" else image[1].median("delivered")
+        for case in sorted(image, key=lambda c: c.kind):
+            value = case.median("delivered")
+            row("6", "%s: `podman run` to delivered (exit)" % case.name,
+                "%s (%s)%s" % (ms(value), ms(case.median("exit")), failures(case)), spread(case),
+                fmt_ratio(ratio(value, base), "precompiled"), "")
+
+    lines = [
+        "Machine: %s; %s. Date: %s. Interpreter: `%s`." % (
+            machine(), tool_versions(bench), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), bench.interpreter_note),
+        "Medians of %d interleaved rounds (%d for the blackhole, %d for imports); spread is the 25th–75th percentile "
+        "in ms. Benchmark took %.0f s." % (options.runs, options.blackhole_runs, options.import_runs,
+                                          time.monotonic() - started),
+        "",
+        "| # | figure | median | spread (ms) | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ] + rows
+    lines += ["", "Import cost (`python -X importtime -c \"import tracking\"`, median of %d): modules by cumulative time; "
+              "*new* = not imported by `%s`." % (options.import_runs, IMPORT_BASELINE), "",
+              "| module | cumulative | self | new |", "|---|---|---|---|"]
+    extra_names = {n for n, _ in summary["extra"]}
+    for name, (cumulative, own, depth) in summary["top"]:
+        lines.append("| %s%s | %.1f ms | %.1f ms | %s |" % ("· " * depth, name, cumulative / 1000, own / 1000,
+                                                           "*new*" if name in extra_names else ""))
+    others = [(n, v) for n, v in summary["extra"] if n not in dict(summary["top"])]
+    if others:
+        lines.append("| other new modules: %s | | | |" % ", ".join("%s (%.1f)" % (n, v[0] / 1000) for n, v in others[:12]))
+    return "\n".join(lines) + "\n", targets
+
+
+# ==== Command line
+
+
+def interpreter(options, workdir):
+    """A venv without site .pth files (they import dozens of modules at every start), unless --python."""
+    if options.python:
+        return options.python, options.python
+    venv = os.path.join(workdir, "venv")
+    made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], capture_output=True)
+    python = os.path.join(venv, "bin", "python")
+    if made.returncode != 0 or not os.path.exists(python):
+        return sys.executable, "%s (venv failed)" % sys.executable
+    return python, "%s in a fresh venv" % sys.executable
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    opt = parser.add_argument
+    opt("--runs", type=int, default=15, help="interleaved rounds per figure (default: %(default)s)")
+    opt("--quick", action="store_true", help="3 rounds, for a smoke test")
+    opt("--blackhole-timeout", type=float, default=1.0, help="client timeout T in seconds (default: %(default)s)")
+    opt("--probe", default=os.path.join(ROOT, "tracking.py"), help="the probe to measure (default: %(default)s)")
+    opt("--python", help="interpreter for the children (default: a fresh venv of this one, without .pth files)")
+    opt("--image", default="localhost/tracking:bench", help="image for item 6 (default: %(default)s)")
+    opt("--no-tls", action="store_true", help="skip HTTPS (default: HTTPS when openssl is installed)")
+    opt("--top", type=int, default=15, help="rows of the import table (default: %(default)s)")
+    opt("--output", help="also write the markdown to this file")
+    opt("--json", help="write the raw figures to this file")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.runs = min(options.runs, 3)
+    if options.runs < 1:
+        parser.error("--runs must be at least 1")
+    options.blackhole_runs = max(1, min(options.runs, 5))
+    options.import_runs = max(1, min(options.runs, 7))
+    options.probe = os.path.abspath(options.probe)
+    if not os.path.exists(options.probe):
+        parser.error("no probe at %s" % options.probe)
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tracking-bench-") as workdir:
+        options.python, note = interpreter(options, workdir)
+        bench = Bench(options, workdir)
+        bench.interpreter_note = note
+        blackhole = None
+        try:
+            cases = delivery_cases(bench)
+            log("delivery: %d variants x %d rounds" % (len(cases), options.runs))
+            bench.rounds(list(cases.values()), options.runs)
+            scheme = "https" if bench.certificates else "http"
+            bh_case, blackhole = blackhole_case(bench, scheme, options.blackhole_timeout)
+            log("blackhole: %d rounds of T = %g s" % (options.blackhole_runs, options.blackhole_timeout))
+            bench.rounds([bh_case], options.blackhole_runs, warmup=0)
+            log("imports: %d rounds" % options.import_runs)
+            imports = import_costs(bench, options.import_runs)
+            log("image")
+            image = image_benchmark(bench, min(options.runs, 7))
+            table, targets = report(bench, cases, (bh_case, options.blackhole_timeout), imports, image, started)
+        finally:
+            if blackhole:
+                blackhole.close()
+            bench.close()
+    print(table)
+    if options.output:
+        with open(options.output, "w") as f:
+            f.write(table)
+    if options.json:
+        raw = {"cases": {c.name: c.runs for c in list(cases.values()) + [bh_case]}, "targets": targets}
+        for runs in raw["cases"].values():
+            for run in runs:
+                run.pop("stderr", None)
+        with open(options.json, "w") as f:
+            json.dump(raw, f, indent=1)
+    every = list(cases.values()) + [bh_case]
+    broken = [c for c in every if not c.ok_runs()]
+    for case in broken:
+        log("%s never delivered; last stderr: %s" % (case.name, case.runs[-1]["stderr"] if case.runs else "-"))
+    if broken:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

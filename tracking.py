@@ -1,0 +1,1123 @@
+"""Tracking probe: index one document per GitLab CI job into Elasticsearch/OpenSearch.
+
+Usage:
+    python tracking.py [--service] [TEMPLATE_NAME TEMPLATE_VERSION] [options]
+
+Reads GitLab's predefined CI variables, builds one small "ci-job" JSON document
+(template name and version, user, project, ref, job, pipeline, runner) and
+indexes it, with create semantics and a deterministic id, into every cluster of
+the configuration, concurrently, each within its own time budget.
+
+Exit codes:
+    0  delivered, or delivery failed without --strict (tracking is fail-open)
+    1  delivery failed with --strict, or --check found a problem
+    2  usage or configuration error
+
+Standard library only, CPython 3.8+: copy this one file anywhere and run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import urllib.request
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs start-up time; mypy treats this branch as taken
+    import ssl
+    from typing import Any, Callable, Iterable, Mapping
+
+    Json = Any
+    Environ = Mapping[str, str]
+    TlsSettings = tuple[str | None, str | None, str | None, bool]  # CA, certificate, key, skip
+
+__version__ = "1.0.0"
+
+# ============================================================================ Constants
+
+CONFIGURATION_VARIABLE = "TRACKING_CONFIGURATION"
+DISABLED_VARIABLE = "TRACKING_DISABLED"
+TEMPLATE_NAME_VARIABLE = "TRACKING_TEMPLATE_NAME"
+TEMPLATE_VERSION_VARIABLE = "TRACKING_TEMPLATE_VERSION"
+PORT_VARIABLES = ("HEALTHCHECK_TCP_PORT", "TRACKING_SERVICE_PORT")
+DEFAULT_SERVICE_PORT = 18733  # below the ephemeral range, clear of common service ports
+TRUE_VALUES = ("1", "true", "yes", "on")
+
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_ES_MAJOR_VERSION = 7
+# Elasticsearch 5-9, and OpenSearch 1-3 by their own major version.
+ES_MAJOR_VERSIONS = (1, 2, 3, 5, 6, 7, 8, 9)
+DEFAULT_INDEX_SUFFIX = "ci-job-{YYYY}.{MM}"
+INDEX_PLACEHOLDERS = ("{YYYY}", "{MM}", "{DD}")
+INDEX_FORBIDDEN_CHARACTERS = '\\/*?"<>|,#: '
+
+RETRY_STATUSES = (429, 502, 503, 504)
+BACKOFF_BASE = 0.1  # seconds before the second round of attempts
+BACKOFF_CAP = 2.0
+JOIN_MARGIN = 0.25  # seconds the main thread waits past the latest deadline
+ERROR_BODY_LIMIT = 65536
+
+USER_AGENT = "tracking-probe/%s (python/%d.%d)" % ((__version__, *sys.version_info[:2]))
+MASK = "***"
+
+CLIENT_KEYS = (
+    "url", "urls", "authentication", "timeout", "indexPrefix", "index", "esMajorVersion",
+    "caCertificate", "clientCertificate", "clientKey", "skipSslVerification", "proxy",
+)
+AUTHENTICATION_KINDS = (("username", "password"), ("apiKey",), ("bearerToken",))
+SECRET_KEYS = ("password", "apiKey", "bearerToken")  # masked in every output
+
+
+def log(message: str) -> None:
+    """Print one line to stderr; never raise (a service container may have no stderr)."""
+    try:
+        print("tracking: " + message, file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001, S110 - output must never break the host job
+        pass
+
+
+# ============================================================================ Configuration
+
+
+class ConfigError(Exception):
+    """A configuration or usage problem, named by its JSON path (exit code 2)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(("%s: %s" % (path, message)) if path else message)
+
+
+class Client:
+    """One cluster to deliver to, validated."""
+
+    __slots__ = (
+        "path", "urls", "authorization", "timeout", "index_pattern", "es_major_version",
+        "ca_certificate", "client_certificate", "client_key", "skip_ssl_verification",
+        "proxy", "secrets",
+    )
+
+    def __init__(self, path: str, urls: list[str], authorization: str | None, timeout: float,
+                 index_pattern: str, es_major_version: int, ca_certificate: str | None,
+                 client_certificate: str | None, client_key: str | None,
+                 skip_ssl_verification: bool, proxy: str | None, secrets: list[str]) -> None:
+        self.path = path
+        self.urls = urls
+        self.authorization = authorization
+        self.timeout = timeout
+        self.index_pattern = index_pattern
+        self.es_major_version = es_major_version
+        self.ca_certificate = ca_certificate
+        self.client_certificate = client_certificate
+        self.client_key = client_key
+        self.skip_ssl_verification = skip_ssl_verification
+        self.proxy = proxy
+        self.secrets = secrets
+
+    @property
+    def server(self) -> str:
+        """The first node URL, fit for a log line (it never holds credentials)."""
+        return self.urls[0]
+
+    def tls_settings(self) -> TlsSettings:
+        return (self.ca_certificate, self.client_certificate, self.client_key,
+                self.skip_ssl_verification)
+
+
+def describe(value: Json) -> str:
+    """A JSON value as an error message shows it."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def expand_variables(text: str, environ: Environ, path: str) -> str:
+    """Replace ${NAME} by the environment variable NAME; $$ is a literal $."""
+    if "$" not in text:
+        return text
+    out = []
+    position = 0
+    while True:
+        dollar = text.find("$", position)
+        if dollar < 0:
+            out.append(text[position:])
+            return "".join(out)
+        out.append(text[position:dollar])
+        following = text[dollar + 1:dollar + 2]
+        if following == "$":
+            out.append("$")
+            position = dollar + 2
+        elif following == "{":
+            end = text.find("}", dollar)
+            name = text[dollar + 2:end] if end > 0 else ""
+            if not name.replace("_", "a").isalnum() or not name.isascii():
+                raise ConfigError(path, "malformed variable reference (use ${NAME}, or $$ for $)")
+            if name not in environ:
+                raise ConfigError(path, "environment variable %s is not set" % name)
+            out.append(environ[name])
+            position = end + 1
+        else:
+            out.append("$")
+            position = dollar + 1
+
+
+def substitute(value: Json, environ: Environ, path: str) -> Json:
+    """Expand ${NAME} in every string of a JSON value, recursively."""
+    if isinstance(value, str):
+        return expand_variables(value, environ, path)
+    if isinstance(value, list):
+        return [substitute(item, environ, "%s[%d]" % (path, i)) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {key: substitute(item, environ, "%s.%s" % (path, key)) for key, item in value.items()}
+    return value
+
+
+def parse_json(text: str, source: str) -> Json:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        # The message holds a position, never the text itself (it may hold a password).
+        message = getattr(error, "msg", "invalid JSON")
+        line, column = getattr(error, "lineno", 0), getattr(error, "colno", 0)
+        raise ConfigError(source, "invalid JSON: %s (line %d, column %d)"
+                          % (message, line, column)) from None
+
+
+def load_configuration(text: str, environ: Environ, source: str = "configuration",
+                       warn: Callable[[str], None] = log) -> list[Client]:
+    """Parse and validate the configuration text; raise ConfigError naming the JSON path."""
+    raw = parse_json(text, source)
+    if not isinstance(raw, dict):
+        raise ConfigError("", "%s: expected a JSON object, got %s" % (source, describe(raw)))
+    for key in raw:
+        if key != "clients":
+            warn("warning: %s: unknown key, ignored" % key)
+    entries = raw.get("clients")
+    if entries is None:
+        raise ConfigError("clients", "missing (expected an array of servers)")
+    if not isinstance(entries, list):
+        raise ConfigError("clients", "expected an array, got %s" % describe(entries))
+    return [parse_client(entry, environ, "clients[%d]" % i, warn) for i, entry in enumerate(entries)]
+
+
+def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str], None]) -> Client:
+    if not isinstance(entry, dict):
+        raise ConfigError(path, "expected an object, got %s" % describe(entry))
+    for key in entry:
+        if key not in CLIENT_KEYS:
+            warn("warning: %s.%s: unknown key, ignored" % (path, key))
+    entry = substitute(entry, environ, path)
+    secrets: list[str] = []
+
+    if ("url" in entry) == ("urls" in entry):
+        raise ConfigError(path, 'expected exactly one of "url" or "urls"')
+    if "url" in entry:
+        raw_urls = [require(entry, "url", str, path)]
+        url_paths = [path + ".url"]
+    else:
+        raw_urls = require(entry, "urls", list, path)
+        if not raw_urls:
+            raise ConfigError(path + ".urls", "expected at least one URL")
+        url_paths = ["%s.urls[%d]" % (path, i) for i in range(len(raw_urls))]
+    urls = []
+    url_credentials = None
+    for raw_url, url_path in zip(raw_urls, url_paths):
+        if not isinstance(raw_url, str):
+            raise ConfigError(url_path, "expected a string, got %s" % describe(raw_url))
+        url, credentials = parse_server_url(raw_url, url_path)
+        urls.append(url)
+        if credentials:
+            url_credentials = url_credentials or credentials
+            secrets.append(credentials[1])
+
+    authorization = None
+    if "authentication" in entry:
+        authentication = entry["authentication"]
+        authorization = authorization_header(authentication, path + ".authentication")
+        secrets.extend(authentication.get(key, "") for key in SECRET_KEYS)
+    elif url_credentials:
+        authorization = basic_authorization(*url_credentials)
+    if authorization:
+        secrets.append(authorization.split(" ", 1)[1])
+
+    timeout = optional(entry, "timeout", (int, float), path, DEFAULT_TIMEOUT)
+    if not 0 < timeout <= 3600:
+        raise ConfigError(path + ".timeout", "expected a number of seconds above 0, got %s" % timeout)
+
+    prefix = optional(entry, "indexPrefix", str, path, "")
+    if "index" in entry:
+        index_pattern, index_path = require(entry, "index", str, path), path + ".index"
+    else:
+        index_pattern, index_path = prefix + DEFAULT_INDEX_SUFFIX, path + ".indexPrefix"
+    problem = index_name_problem(expand_index(index_pattern, time.gmtime(0)))
+    if problem:
+        raise ConfigError(index_path, "%s (index %s)" % (problem, json.dumps(index_pattern)))
+
+    version = optional(entry, "esMajorVersion", int, path, DEFAULT_ES_MAJOR_VERSION)
+    if version not in ES_MAJOR_VERSIONS:
+        raise ConfigError(path + ".esMajorVersion", "expected one of %s, got %s"
+                          % (", ".join(map(str, ES_MAJOR_VERSIONS)), version))
+
+    certificate = optional(entry, "clientCertificate", str, path, None)
+    key = optional(entry, "clientKey", str, path, None)
+    if (certificate is None) != (key is None):
+        raise ConfigError(path, '"clientCertificate" and "clientKey" go together')
+    if key and key.lstrip().startswith("-----"):
+        secrets.append(key)
+
+    proxy = optional(entry, "proxy", str, path, None)
+    if proxy:
+        if not proxy.startswith(("http://", "https://")):
+            raise ConfigError(path + ".proxy", "expected an http:// or https:// URL")
+        secrets.extend(url_userinfo(proxy)[1:])
+
+    return Client(
+        path=path, urls=urls, authorization=authorization, timeout=float(timeout),
+        index_pattern=index_pattern, es_major_version=version,
+        ca_certificate=optional(entry, "caCertificate", str, path, None),
+        client_certificate=certificate, client_key=key,
+        skip_ssl_verification=optional(entry, "skipSslVerification", bool, path, False),
+        proxy=proxy, secrets=[s for s in secrets if s],
+    )
+
+
+TYPE_NAMES = {str: "a string", list: "an array", bool: "true or false", int: "an integer",
+              dict: "an object"}
+
+
+def require(entry: dict[str, Json], key: str, kind: Any, path: str) -> Any:
+    if key not in entry:
+        raise ConfigError(path, "missing %s" % json.dumps(key))
+    return check_type(entry[key], kind, "%s.%s" % (path, key))
+
+
+def optional(entry: dict[str, Json], key: str, kind: Any, path: str, default: Any) -> Any:
+    if key not in entry:
+        return default
+    return check_type(entry[key], kind, "%s.%s" % (path, key))
+
+
+def check_type(value: Json, kind: Any, path: str) -> Json:
+    wrong_bool = isinstance(value, bool) and kind is not bool
+    if wrong_bool or not isinstance(value, kind):
+        expected = "a number" if isinstance(kind, tuple) else TYPE_NAMES[kind]
+        raise ConfigError(path, "expected %s, got %s" % (expected, describe(value)))
+    return value
+
+
+def url_userinfo(url: str) -> list[str]:
+    """The user name and password embedded in a URL, if any."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    return [unquote(s) for s in (parts.username, parts.password) if s]
+
+
+def parse_server_url(raw: str, path: str) -> tuple[str, tuple[str, str] | None]:
+    """Validate a node URL; return it without credentials, and the credentials it held."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(raw.strip())
+        port = parts.port
+    except ValueError:
+        raise ConfigError(path, "not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(path, "expected an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ConfigError(path, "a server URL takes no query (?) or fragment (#)")
+    host = parts.hostname
+    if ":" in host:
+        host = "[%s]" % host
+    netloc = host if port is None else "%s:%d" % (host, port)
+    base = "%s://%s%s" % (parts.scheme, netloc, parts.path.rstrip("/"))
+    credentials = None
+    if parts.username is not None:
+        credentials = (unquote(parts.username), unquote(parts.password or ""))
+    return base, credentials
+
+
+def basic_authorization(username: str, password: str) -> str:
+    import base64
+
+    token = base64.b64encode(("%s:%s" % (username, password)).encode("utf-8")).decode("ascii")
+    return "Basic " + token
+
+
+def authorization_header(authentication: Json, path: str) -> str:
+    """The Authorization header value for one of the three authentication kinds."""
+    if not isinstance(authentication, dict):
+        raise ConfigError(path, "expected an object, got %s" % describe(authentication))
+    keys = set(authentication)
+    for kind in AUTHENTICATION_KINDS:
+        if keys == set(kind):
+            for key in kind:
+                value = authentication[key]
+                if not isinstance(value, str):  # never echo the value: it may be a secret
+                    raise ConfigError("%s.%s" % (path, key), "expected a string")
+                if "\r" in value or "\n" in value:
+                    raise ConfigError("%s.%s" % (path, key), "must be a single line")
+                if not value and key != "password":
+                    raise ConfigError("%s.%s" % (path, key), "must not be empty")
+            if kind == ("apiKey",):
+                return "ApiKey " + str(authentication["apiKey"])
+            if kind == ("bearerToken",):
+                return "Bearer " + str(authentication["bearerToken"])
+            return basic_authorization(authentication["username"], authentication["password"])
+    raise ConfigError(path, 'expected {"username", "password"}, {"apiKey"} or {"bearerToken"}, '
+                            "got keys %s" % json.dumps(sorted(keys)))
+
+
+# ============================================================================ The document
+
+USER_FIELDS = (("id", "GITLAB_USER_ID"), ("login", "GITLAB_USER_LOGIN"))
+DOCUMENT_FIELDS = (
+    ("user", USER_FIELDS),
+    ("project", (("id", "CI_PROJECT_ID"), ("path", "CI_PROJECT_URL"))),
+    ("build", (("ref", "CI_COMMIT_REF_NAME"),)),
+    ("job", (("id", "CI_JOB_ID"), ("name", "CI_JOB_NAME"), ("stage", "CI_JOB_STAGE"),
+             ("url", "CI_JOB_URL"))),
+    ("pipeline", (("id", "CI_PIPELINE_ID"), ("url", "CI_PIPELINE_URL"))),
+    ("runner", (("id", "CI_RUNNER_ID"), ("description", "CI_RUNNER_DESCRIPTION"),
+                ("tags", "CI_RUNNER_TAGS"), ("version", "CI_RUNNER_VERSION"))),
+)
+LONG_MAX = 2 ** 63 - 1  # Elasticsearch maps JSON integers as "long"
+
+
+def parse_id(text: str | None) -> int | None:
+    """A GitLab id (a decimal string) as an integer, or None when it is not one."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    number = int(text)
+    return number if number <= LONG_MAX else None
+
+
+def normalize_tags(text: str) -> str:
+    """Runner tags as "a, b" whether GitLab sent "a, b" or '["a", "b"]'."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            tags = json.loads(text)
+        except ValueError:
+            tags = None
+        if not (isinstance(tags, list) and all(isinstance(tag, str) for tag in tags)):
+            tags = [tag.strip().strip("\"'") for tag in text[1:-1].split(",")]
+    else:
+        tags = text.split(",")
+    return ", ".join(tag.strip() for tag in tags if tag.strip())
+
+
+def format_timestamp(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+def build_document(environ: Environ, template_name: str, template_version: str,
+                   now: float) -> dict[str, Json]:
+    """The ci-job document; missing variables and ids that are not integers are left out."""
+    ci: dict[str, Json] = {}
+    for section, fields in DOCUMENT_FIELDS:
+        values: dict[str, Json] = {}
+        for field, variable in fields:
+            text = environ.get(variable)
+            if text is None:
+                continue
+            if field == "id":
+                number = parse_id(text)
+                if number is not None:
+                    values[field] = number
+            elif field == "tags":
+                values[field] = normalize_tags(text)
+            else:
+                values[field] = text
+        ci[section] = values
+    return {
+        "@type": "ci-job",
+        "@timestamp": format_timestamp(now),
+        "template": {"name": template_name, "version": template_version},
+        "ci": ci,
+    }
+
+
+def document_id(environ: Environ, template_name: str, random_bytes: bytes) -> str:
+    """Same GitLab instance, job and template: same id, so a retry never duplicates.
+
+    Outside CI (no job id) the id comes from random_bytes."""
+    job_id = parse_id(environ.get("CI_JOB_ID"))
+    if job_id is None:
+        return random_bytes.hex()
+    import hashlib
+
+    instance = environ.get("CI_SERVER_URL") or server_origin(environ.get("CI_JOB_URL", ""))
+    key = "\n".join((instance.rstrip("/"), str(job_id), template_name))
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:40]
+
+
+def server_origin(url: str) -> str:
+    """"https://gitlab.example.com" from any URL on that instance (for GitLab < 12.7)."""
+    scheme, _, rest = url.partition("://")
+    return "%s://%s" % (scheme, rest.split("/", 1)[0]) if rest else ""
+
+
+# ============================================================================ Transport
+
+
+def expand_index(pattern: str, moment: time.struct_time) -> str:
+    """Fill the date placeholders {YYYY}, {MM} and {DD} (UTC)."""
+    return (pattern.replace("{YYYY}", "%04d" % moment.tm_year)
+            .replace("{MM}", "%02d" % moment.tm_mon)
+            .replace("{DD}", "%02d" % moment.tm_mday))
+
+
+def index_name_problem(name: str) -> str | None:
+    """Why Elasticsearch would refuse this index name, or None when it is valid."""
+    if "{" in name or "}" in name:
+        return "unknown placeholder (known: %s)" % ", ".join(INDEX_PLACEHOLDERS)
+    if not name or name in (".", ".."):
+        return "an index name cannot be empty, . or .."
+    if name != name.lower():
+        return "an index name must be lowercase"
+    bad = sorted(set(c for c in name if c in INDEX_FORBIDDEN_CHARACTERS or not c.isprintable()))
+    if bad:
+        return "an index name cannot contain %s" % " ".join(json.dumps(c) for c in bad)
+    if name[0] in "-_+":
+        return "an index name cannot start with -, _ or +"
+    if len(name.encode("utf-8")) > 255:
+        return "an index name is at most 255 bytes"
+    return None
+
+
+def request_path(index: str, identifier: str, es_major_version: int) -> str:
+    """The create-document path for this server version, every segment percent-encoded."""
+    from urllib.parse import quote
+
+    index, identifier = quote(index, safe=""), quote(identifier, safe="")
+    if es_major_version == 5:
+        return "/%s/doc/%s/_create" % (index, identifier)  # 5.x: a type not starting with _
+    if es_major_version == 6:
+        return "/%s/_doc/%s/_create" % (index, identifier)
+    return "/%s/_create/%s" % (index, identifier)
+
+
+def request_headers(client: Client) -> dict[str, str]:
+    headers = {
+        # Plain JSON: the 8.x "compatible-with" media type breaks 6.x, 7.x and OpenSearch.
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": USER_AGENT,
+    }
+    if client.authorization:
+        headers["Authorization"] = client.authorization
+    return headers
+
+
+def masked_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    masked = dict(headers)
+    if "Authorization" in masked:
+        masked["Authorization"] = masked["Authorization"].split(" ", 1)[0] + " " + MASK
+    return masked
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Text fit for output: credentials inside URLs and every known secret masked."""
+    import re
+
+    text = re.sub(r"(?<=://)[^/@\s]*@", MASK + "@", text)
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def tls_context(ca_certificate: str | None, client_certificate: str | None,
+                client_key: str | None, skip_verification: bool) -> ssl.SSLContext:
+    """One verified TLS context (TLS 1.2+), unless the configuration says to skip checks."""
+    import ssl
+
+    is_pem = ca_certificate is not None and "-----BEGIN" in ca_certificate
+    context = ssl.create_default_context(
+        cafile=None if is_pem else ca_certificate,
+        cadata=ca_certificate if is_pem else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if skip_verification:
+        context.check_hostname = False  # must come before verify_mode = CERT_NONE
+        context.verify_mode = ssl.CERT_NONE
+    if client_certificate and client_key:
+        load_client_certificate(context, client_certificate, client_key)
+    return context
+
+
+def load_client_certificate(context: ssl.SSLContext, certificate: str, key: str) -> None:
+    """Paths, or inline PEM (ssl reads only files: write them, private, for the moment)."""
+    if "-----BEGIN" not in certificate and "-----BEGIN" not in key:
+        context.load_cert_chain(certificate, key)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        paths = []
+        for name, value in (("certificate.pem", certificate), ("key.pem", key)):
+            if "-----BEGIN" in value:
+                path = os.path.join(directory, name)
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
+                    handle.write(value)
+                value = path
+            paths.append(value)
+        context.load_cert_chain(paths[0], paths[1])
+
+
+def build_opener(client: Client, context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    """An opener for this client: its TLS context, and its proxy (else HTTPS_PROXY/NO_PROXY)."""
+    handlers: list[urllib.request.BaseHandler] = []
+    if client.proxy is not None:
+        proxy = {"http": client.proxy, "https": client.proxy} if client.proxy else {}
+        handlers.append(urllib.request.ProxyHandler(proxy))
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
+
+
+def prepare_tls(clients: list[Client]) -> dict[TlsSettings, ssl.SSLContext]:
+    """One TLS context per distinct TLS setting of HTTPS clients; bad files are config errors."""
+    contexts: dict[TlsSettings, ssl.SSLContext] = {}
+    for client in clients:
+        settings = client.tls_settings()
+        if settings in contexts or not any(u.startswith("https:") for u in client.urls):
+            continue
+        try:
+            contexts[settings] = tls_context(*settings)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            key = "clientCertificate" if "cert" in str(error).lower() and client.client_certificate \
+                else "caCertificate"
+            raise ConfigError("%s.%s" % (client.path, key),
+                              "cannot load: %s" % redact(str(error), client.secrets)) from None
+    return contexts
+
+
+class Response:
+    """What one HTTP exchange gave: a status (or None) and a short reason for the log."""
+
+    __slots__ = ("status", "error", "retry_after", "body", "retryable")
+
+    def __init__(self, status: int | None, error: str = "", retry_after: float | None = None,
+                 body: Json = None, retryable: bool = False) -> None:
+        self.status = status
+        self.error = error
+        self.retry_after = retry_after
+        self.body = body
+        self.retryable = retryable or status in RETRY_STATUSES
+
+
+def open_url(opener: urllib.request.OpenerDirector, method: str, url: str,
+             headers: dict[str, str], body: bytes | None, timeout: float) -> Response:
+    """The one network call: never raises for network or HTTP failures."""
+    import urllib.error
+
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with opener.open(request, timeout=timeout) as answer:
+            return Response(answer.status, body=read_json(answer))
+    except urllib.error.HTTPError as error:  # before URLError: it is one
+        body = read_json(error)
+        return Response(error.code, error_summary(body), retry_after(error.headers), body)
+    except (urllib.error.URLError, OSError, ValueError, EOFError) as error:
+        return transport_failure(error)
+    except Exception as error:  # http.client.HTTPException and kin: the peer spoke nonsense
+        if isinstance(error, (TypeError, AttributeError, NameError)):
+            raise  # a bug of ours, not a network failure
+        return Response(None, "connection: %s" % error.__class__.__name__, retryable=True)
+
+
+def read_json(answer: Any) -> Json:
+    """The JSON body of a response, or None (at most ERROR_BODY_LIMIT bytes)."""
+    try:
+        data = answer.read(ERROR_BODY_LIMIT)
+        return json.loads(data.decode("utf-8")) if data else None
+    except Exception:  # noqa: BLE001 - a body that is not JSON is no body for us
+        return None
+
+
+def error_summary(body: Json) -> str:
+    """"type: reason" from an Elasticsearch error body, or "" when it has none."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        root = error.get("root_cause")
+        if not error.get("reason") and isinstance(root, list) and root and isinstance(root[0], dict):
+            error = root[0]
+        return ("%s: %s" % (error.get("type", "error"), error.get("reason", ""))).strip(": ")
+    if isinstance(error, str):  # Elasticsearch 1.x-2.x, and some proxies
+        return error
+    return ""
+
+
+def retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare from Elasticsearch, not worth a parser
+
+
+def transport_failure(error: BaseException) -> Response:
+    """timeout, tls or connection, in the cause's own words; only a refused certificate is final."""
+    import socket
+    import ssl
+
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return Response(None, "timeout", retryable=True)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        detail = reason.verify_message or reason.reason or "verify failed"
+        return Response(None, "tls: certificate verify failed: %s" % detail)
+    if isinstance(reason, ssl.SSLError):
+        return Response(None, "tls: %s" % (reason.reason or reason.__class__.__name__), retryable=True)
+    if isinstance(reason, OSError) and reason.strerror:
+        return Response(None, "connection: %s" % reason.strerror.lower(), retryable=True)
+    text = str(reason) or reason.__class__.__name__
+    return Response(None, "connection: %s" % text, retryable=True)
+
+
+# ============================================================================ Delivery
+
+
+def is_delivered(status: int | None) -> bool:
+    """2xx, or 409: create semantics say the document is already there."""
+    return status is not None and (200 <= status < 300 or status == 409)
+
+
+def backoff_delay(round_number: int, time_left: float, random_fraction: float) -> float:
+    """Equal jitter: half the exponential step, plus a random half; never past the budget."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (round_number - 1))
+    return min(ceiling / 2 + random_fraction * ceiling / 2, max(time_left, 0.0))
+
+
+class Outcome:
+    """How delivery to one client ended."""
+
+    __slots__ = ("client", "server", "index", "delivered", "status", "attempts", "milliseconds",
+                 "error")
+
+    def __init__(self, client: Client, server: str, index: str, delivered: bool,
+                 status: int | None, attempts: int, milliseconds: int, error: str) -> None:
+        self.client = client
+        self.server = server
+        self.index = index
+        self.delivered = delivered
+        self.status = status
+        self.attempts = attempts
+        self.milliseconds = milliseconds
+        self.error = error
+
+    def line(self) -> str:
+        """The log line: server, index, outcome, HTTP status, attempts, milliseconds."""
+        text = "%s index=%s %s status=%s attempts=%d ms=%d" % (
+            self.server, self.index, "delivered" if self.delivered else "failed",
+            self.status if self.status is not None else "-", self.attempts, self.milliseconds)
+        if self.error and not self.delivered:
+            text += " error=" + self.error
+        return redact(text, self.client.secrets)
+
+
+def deliver(client: Client, opener: urllib.request.OpenerDirector, index: str, identifier: str,
+            body: bytes, deadline: float, debug: Callable[[str], None],
+            clock: Callable[[], float] = time.monotonic,
+            sleep: Callable[[float], None] = time.sleep,
+            random: Callable[[], float] = lambda: int.from_bytes(os.urandom(2), "big") / 65536,
+            ) -> Outcome:
+    """Send one document to one client until delivered, refused, or out of time.
+
+    Connection errors, timeouts, 429, 502, 503 and 504 move on to the next node URL;
+    after each full round of URLs, back off (honouring Retry-After when it fits)."""
+    started = clock()
+    server = client.server
+    headers = request_headers(client)
+    path = request_path(index, identifier, client.es_major_version)
+    attempts = 0
+    response = Response(None, "timeout")
+    while True:
+        time_left = deadline - clock()
+        if time_left <= 0:
+            break
+        server = client.urls[attempts % len(client.urls)]
+        attempts += 1
+        response = open_url(opener, "PUT", server + path, headers, body, time_left)
+        debug(redact("%s attempt %d: status=%s %s" % (server + path, attempts, response.status,
+                                                      response.error), client.secrets))
+        if is_delivered(response.status) or not response.retryable:
+            break
+        if attempts % len(client.urls):
+            continue  # another node of the cluster: try it at once
+        time_left = deadline - clock()
+        delay = backoff_delay(attempts // len(client.urls), time_left, random())
+        if response.retry_after is not None and response.retry_after < time_left:
+            delay = max(delay, response.retry_after)
+        if delay >= time_left:
+            break  # no time for another attempt after waiting
+        sleep(delay)
+    elapsed = int((clock() - started) * 1000)
+    delivered = is_delivered(response.status)
+    return Outcome(client, server, index, delivered, response.status, attempts, elapsed,
+                   response.error)
+
+
+def deliver_all(clients: list[Client], document: dict[str, Json], identifier: str, now: float,
+                report: Callable[[Outcome], None], debug: Callable[[str], None],
+                stop: threading.Event | None = None) -> list[Outcome]:
+    """Deliver to every client at once; return within the largest budget plus a margin."""
+    import queue
+
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    moment = time.gmtime(now)
+    contexts = prepare_tls(clients)
+    started = time.monotonic()
+    results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    pending = {}
+    for client in clients:
+        index = expand_index(client.index_pattern, moment)
+        deadline = started + client.timeout
+        pending[id(client)] = Outcome(client, client.server, index, False, None, 0, 0, "timeout")
+        thread = threading.Thread(target=deliver_safely, daemon=True, name=client.path, args=(
+            client, contexts.get(client.tls_settings()), index, identifier, body, deadline,
+            debug, results.put))
+        thread.start()
+    final_deadline = started + max((c.timeout for c in clients), default=0) + JOIN_MARGIN
+    outcomes = []
+    while pending:
+        try:
+            outcome = results.get(timeout=max(final_deadline - time.monotonic(), 0))
+        except queue.Empty:
+            break
+        pending.pop(id(outcome.client), None)
+        outcomes.append(outcome)
+        report(outcome)
+    for late in pending.values():  # stuck in the kernel or trickled to: the budget is spent
+        late.milliseconds = int((time.monotonic() - started) * 1000)
+        outcomes.append(late)
+        report(late)
+    return outcomes
+
+
+def deliver_safely(client: Client, context: ssl.SSLContext | None, index: str,
+                   identifier: str, body: bytes, deadline: float, debug: Callable[[str], None],
+                   put: Callable[[Outcome], None]) -> None:
+    """The boundary of one delivery thread: any failure becomes an outcome, never a crash."""
+    try:
+        outcome = deliver(client, build_opener(client, context), index, identifier, body,
+                          deadline, debug)
+    except Exception as error:  # noqa: BLE001 - the job must never see our bugs
+        outcome = Outcome(client, client.server, index, False, None, 0, 0,
+                          "internal error: %s" % error.__class__.__name__)
+    put(outcome)
+
+
+# ============================================================================ Check
+
+
+def check_client(client: Client, opener: urllib.request.OpenerDirector, index: str) -> tuple[bool, str]:
+    """Reachability, TLS, authentication, flavour and version, write privilege: nothing written."""
+    headers = request_headers(client)
+    root = Response(None, "no URL")
+    for url in client.urls:
+        root = open_url(opener, "GET", url + "/", headers, None, client.timeout)
+        if root.status is not None:
+            break
+    if root.status is None:
+        return False, root.error
+    if root.status == 401:
+        return False, "authentication failed (401 %s)" % root.error
+    base = url
+    flavour, version = server_identity(root.body)
+    identity = "%s %s" % (flavour, version)
+    if root.status not in (200, 403):  # 403: fine, a least-privilege user may not read "/"
+        return False, "%s: unexpected answer %d %s" % (identity, root.status, root.error)
+
+    if flavour == "opensearch":
+        info = open_url(opener, "GET", base + "/_plugins/_security/authinfo", headers, None,
+                        client.timeout)
+        if info.status == 200:
+            return True, "%s  %s: authenticated; write privilege not checked (OpenSearch has no " \
+                         "read-only privilege check)" % (identity, index)
+        if info.status == 401:
+            return False, "%s  authentication failed (401 %s)" % (identity, info.error)
+        return True, "%s  %s: can write (security not enabled)" % (identity, index)
+
+    query = json.dumps({"index": [{"names": [index], "privileges": ["create_doc"]}]}).encode()
+    answer = open_url(opener, "POST", base + "/_security/user/_has_privileges", headers, query,
+                      client.timeout)
+    if answer.status == 200 and isinstance(answer.body, dict):
+        if answer.body.get("has_all_requested"):
+            return True, "%s  %s: can write" % (identity, index)
+        return False, "%s  %s: cannot write (missing create_doc privilege)" % (identity, index)
+    if answer.status == 401:
+        return False, "%s  authentication failed (401 %s)" % (identity, answer.error)
+    if answer.status is None:
+        return False, "%s  %s" % (identity, answer.error)
+    return True, "%s  %s: can write (security not enabled)" % (identity, index)
+
+
+def server_identity(body: Json) -> tuple[str, str]:
+    """("elasticsearch" or "opensearch", version) from the answer to GET /."""
+    version = body.get("version") if isinstance(body, dict) else None
+    if not isinstance(version, dict):
+        return "elasticsearch?", "version unknown"
+    flavour = "opensearch" if version.get("distribution") == "opensearch" else "elasticsearch"
+    return flavour, str(version.get("number", "version unknown"))
+
+
+def check_all(clients: list[Client], now: float, show: Callable[[str], None]) -> bool:
+    contexts = prepare_tls(clients)
+    moment = time.gmtime(now)
+    results: list[tuple[bool, str]] = [(False, "timeout")] * len(clients)
+
+    def run(position: int, client: Client) -> None:
+        opener = build_opener(client, contexts.get(client.tls_settings()))
+        try:
+            results[position] = check_client(client, opener, expand_index(client.index_pattern, moment))
+        except Exception as error:  # noqa: BLE001
+            results[position] = (False, "internal error: %s" % error.__class__.__name__)
+
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread, client in zip(threads, clients):
+        thread.join(client.timeout * 3 + JOIN_MARGIN)  # three requests at most
+    for client, (ok, text) in zip(clients, results):
+        show(redact("%-5s %s  %s" % ("ok" if ok else "FAIL", client.server, text), client.secrets))
+    return all(ok for ok, _ in results)
+
+
+# ============================================================================ Service mode
+
+
+def service_port(environ: Environ) -> int:
+    for variable in PORT_VARIABLES:
+        value = parse_id(environ.get(variable))
+        if value is not None and 0 < value < 65536:
+            return value
+    return DEFAULT_SERVICE_PORT
+
+
+def listen(port: int) -> Any | None:
+    """Accept TCP connections on the port so GitLab Runner's health check passes at once."""
+    import socket
+
+    try:
+        if socket.has_dualstack_ipv6():
+            try:
+                server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+            except OSError:
+                server = socket.create_server(("", port))
+        else:
+            server = socket.create_server(("", port))
+    except OSError as error:
+        log("port %d unavailable (%s): health check not answered, tracking goes on"
+            % (port, error.strerror or error))
+        return None
+
+    def accept_forever() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+                connection.close()  # a TCP connect is all the health check needs
+            except OSError:
+                return
+
+    threading.Thread(target=accept_forever, daemon=True, name="health-check").start()
+    return server
+
+
+class Stop(Exception):
+    """Raised in the main thread by SIGTERM or SIGINT."""
+
+
+def stop_on_signals() -> None:
+    import signal
+
+    def raise_stop(signum: int, frame: Any) -> None:
+        raise Stop(signum)
+
+    signal.signal(signal.SIGTERM, raise_stop)
+    signal.signal(signal.SIGINT, raise_stop)
+
+
+def idle_forever() -> None:
+    """Wait for Stop without burning CPU (the wait is interruptible by signals)."""
+    forever = threading.Event()
+    while True:
+        forever.wait(3600)
+
+
+# ============================================================================ Command line
+
+
+def parse_arguments(argv: list[str]) -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="tracking.py", description="Index one document describing this GitLab CI job into "
+        "Elasticsearch/OpenSearch.", epilog="Exit codes: 0 success (or failure without --strict), "
+        "1 --strict failure or --check problem, 2 usage or configuration error.")
+    opt = parser.add_argument
+    opt("template", nargs="*", metavar="TEMPLATE_NAME TEMPLATE_VERSION",
+        help="the template and its version (default: $%s and $%s)"
+        % (TEMPLATE_NAME_VARIABLE, TEMPLATE_VERSION_VARIABLE))
+    opt("--service", action="store_true", help="service-container mode: listen on a port for the "
+        "health check, deliver, stay alive until SIGTERM (port: $HEALTHCHECK_TCP_PORT, else "
+        "$TRACKING_SERVICE_PORT, else %d)" % DEFAULT_SERVICE_PORT)
+    opt("--config", metavar="PATH", help="configuration file (default: $%s, inline JSON or a "
+        "path, else config.json beside tracking.py)" % CONFIGURATION_VARIABLE)
+    opt("--dry-run", action="store_true", help="print the document and the requests; send nothing")
+    opt("--check", action="store_true", help="contact each server without indexing: "
+        "reachability, TLS, authentication, version, write privilege")
+    opt("--strict", action="store_true", help="exit 1 when any server failed (default: exit 0)")
+    opt("-q", "--quiet", action="store_true", help="log failures and errors only")
+    opt("-v", "--verbose", action="store_true", help="also log each attempt")
+    opt("--version", action="version", version="%(prog)s " + __version__)
+    arguments = parser.parse_args(argv)
+    if len(arguments.template) not in (0, 2):
+        parser.error("expected TEMPLATE_NAME TEMPLATE_VERSION, or neither")
+    if arguments.check and (arguments.dry_run or arguments.service):
+        parser.error("--check goes alone (not with --dry-run or --service)")
+    return arguments
+
+
+def read_configuration(option: str | None, environ: Environ) -> tuple[str | None, str]:
+    """(text, source) from --config, $TRACKING_CONFIGURATION (JSON or a path), or config.json."""
+    inline = environ.get(CONFIGURATION_VARIABLE, "")
+    if option is None and inline.strip().startswith("{"):
+        return inline, CONFIGURATION_VARIABLE
+    if option is not None:
+        path, source = option, "--config"
+    elif inline.strip():
+        path, source = inline.strip(), CONFIGURATION_VARIABLE
+    else:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")
+        if not os.path.exists(path):
+            return None, "no configuration"
+        source = path
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read(), path
+    except OSError as error:
+        raise ConfigError(source, "cannot read %s: %s" % (path, error.strerror)) from None
+
+
+def template_arguments(arguments: Any, environ: Environ) -> tuple[str, str]:
+    if arguments.template:
+        return arguments.template[0], arguments.template[1]
+    name = environ.get(TEMPLATE_NAME_VARIABLE, "")
+    version = environ.get(TEMPLATE_VERSION_VARIABLE, "")
+    if not name or not version:
+        raise ConfigError("", "missing TEMPLATE_NAME TEMPLATE_VERSION (arguments, or $%s and $%s)"
+                          % (TEMPLATE_NAME_VARIABLE, TEMPLATE_VERSION_VARIABLE))
+    return name, version
+
+
+def dry_run_report(clients: list[Client], document: dict[str, Json], identifier: str,
+                   now: float) -> dict[str, Json]:
+    """The document and, per client, the exact request, secrets masked."""
+    requests = []
+    for client in clients:
+        index = expand_index(client.index_pattern, time.gmtime(now))
+        path = request_path(index, identifier, client.es_major_version)
+        requests.append({
+            "server": client.server, "method": "PUT", "url": client.server + path,
+            "index": index, "documentId": identifier,
+            "headers": masked_headers(request_headers(client)),
+            "timeout": client.timeout, "failover": client.urls[1:],
+        })
+    return {"document": document, "requests": requests}
+
+
+def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    listener = None
+    if arguments.service:
+        listener = listen(service_port(environ))  # first: the runner's health check is waiting
+        stop_on_signals()
+    quiet, verbose = arguments.quiet, arguments.verbose
+
+    def info(message: str) -> None:
+        if not quiet:
+            log(message)
+
+    def debug(message: str) -> None:
+        if verbose:
+            log(message)
+
+    try:
+        code = run(arguments, environ, info, debug)
+        if arguments.service:
+            idle_forever()
+        return code
+    except Stop:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # noqa: BLE001 - a bug of ours must not fail the job
+        log("internal error: %s (please report it)" % error.__class__.__name__)
+        return 1 if arguments.strict else 0
+    finally:
+        if arguments.service and listener is not None:
+            listener.close()
+
+
+def run(arguments: Any, environ: Environ, info: Callable[[str], None],
+        debug: Callable[[str], None]) -> int:
+    """One run of the probe; returns the exit code."""
+    if environ.get(DISABLED_VARIABLE, "").strip().lower() in TRUE_VALUES and not arguments.check:
+        info("disabled by $%s: nothing sent" % DISABLED_VARIABLE)
+        return 0
+    now = time.time()
+    try:
+        text, source = read_configuration(arguments.config, environ)
+        debug("configuration: %s" % source)
+        clients = load_configuration(text, environ, source, info) if text is not None else []
+        if arguments.check:
+            if text is None:
+                raise ConfigError("", "no configuration to check (--config, $%s or config.json)"
+                                  % CONFIGURATION_VARIABLE)
+            for client in clients:
+                warn_insecure(client, info)
+            return 0 if check_all(clients, now, print) else 1
+        name, version = template_arguments(arguments, environ)
+        document = build_document(environ, name, version, now)
+        identifier = document_id(environ, name, os.urandom(16))
+        if arguments.dry_run:
+            plan = dry_run_report(clients, document, identifier, now)
+            print(json.dumps(plan, indent=2, ensure_ascii=False))
+            return 0
+        if not clients:
+            info("no server configured (%s): nothing sent" % source)
+            return 0
+        for client in clients:
+            warn_insecure(client, info)
+        def report(outcome: Outcome) -> None:
+            (info if outcome.delivered else log)(outcome.line())
+
+        outcomes = deliver_all(clients, document, identifier, now, report, debug)
+    except ConfigError as error:
+        log("configuration error: %s" % error)
+        if arguments.service:
+            return 0  # the job goes on; the service idles
+        return 2
+    failed = any(not outcome.delivered for outcome in outcomes)
+    return 1 if failed and arguments.strict and not arguments.service else 0
+
+
+def warn_insecure(client: Client, info: Callable[[str], None]) -> None:
+    if client.skip_ssl_verification and any(u.startswith("https:") for u in client.urls):
+        info("warning: %s: TLS certificate verification is disabled (skipSslVerification)"
+             % client.server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
