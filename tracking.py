@@ -782,7 +782,7 @@ def deliver_all(clients: list[Client], document: dict[str, Json], identifier: st
     for client in clients:
         index = expand_index(client.index_pattern, moment)
         deadline = started + client.timeout
-        pending[id(client)] = Outcome(client, client.server, index, False, None, 0, 0, "timeout")
+        pending[id(client)] = Outcome(client, client.server, index, False, None, 1, 0, "timeout")
         thread = threading.Thread(target=deliver_safely, daemon=True, name=client.path, args=(
             client, contexts.get(client.tls_settings()), index, identifier, body, deadline,
             debug, results.put))

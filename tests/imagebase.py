@@ -73,7 +73,10 @@ PASSWD = (
     "nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n"
 )
 GROUP = "root:x:0:\nnobody:x:65534:\ntty:x:5:\nstaff:x:50:\nnonroot:x:65532:\n"
-NSSWITCH = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n"
+NSSWITCH = (
+    "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
+    "networks: files\nprotocols: files\nservices: files\n"
+)
 SHELLS = ("sh", "bash", "dash", "ash", "zsh", "busybox")
 
 
@@ -281,7 +284,8 @@ def image_label(image: str, label: str) -> str | None:
     if proc.returncode != 0:
         return None
     labels = json.loads(proc.stdout.strip() or "null") or {}
-    return labels.get(label)  # type: ignore[no-any-return]
+    value = labels.get(label)
+    return None if value is None else str(value)
 
 
 def ensure_base(refresh: bool = False, image: str = BASE_IMAGE) -> str:
@@ -289,7 +293,8 @@ def ensure_base(refresh: bool = False, image: str = BASE_IMAGE) -> str:
     manifest = cache_dir() / "base-manifest.json"
     if not refresh and manifest.exists():
         recorded = json.loads(manifest.read_text())
-        if recorded.get("image") == image and image_label(image, "tracking-probe.base-key") == recorded.get("key"):
+        label = image_label(image, "tracking-probe.base-key")
+        if recorded.get("image") == image and label == recorded.get("key"):
             return image
     debs = download_packages(refresh=refresh)
     key = package_key(debs)
@@ -324,7 +329,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--refresh", action="store_true", help="update the package lists and rebuild")
-    parser.add_argument("--print-env", action="store_true", help="print CONTAINERS_CONF/CONTAINERS_STORAGE_CONF exports")
+    parser.add_argument("--print-env", action="store_true",
+                        help="print the CONTAINERS_CONF and CONTAINERS_STORAGE_CONF exports")
     options = parser.parse_args()
     reason = missing_tools()
     if reason:

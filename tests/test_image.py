@@ -13,7 +13,6 @@ and written to <cache>/image-report.json; README.md quotes them.
 from __future__ import annotations
 
 import gzip
-import http.server
 import json
 import os
 import shutil
@@ -23,14 +22,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import imagebase  # noqa: E402
+import imagebase
+from conftest import GITLAB_ENV, Recorded, StandIn
 
 pytestmark = pytest.mark.image
 
@@ -38,81 +37,29 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/tracking-probe:test"
 IMAGE_UNCONFIGURED = "localhost/tracking-probe:test-unconfigured"
 SERVICE_PORT = 18733
-NO_PYC = ["-B", "-X", "pycache_prefix=/nonexistent"]  # read no .pyc, write none
+NO_PYC = ("-B", "-X", "pycache_prefix=/nonexistent")  # read no .pyc, write none
 RUNS = 5  # per measurement; medians are reported
 
-# What a GitLab job gives a service (all "public" variables; ids are decimal strings).
-GITLAB_ENV = {
-    "CI": "true",
-    "GITLAB_CI": "true",
-    "CI_SERVER_URL": "https://gitlab.example.com",
-    "CI_PROJECT_ID": "278964",
-    "CI_PROJECT_URL": "https://gitlab.example.com/group/project",
-    "CI_COMMIT_REF_NAME": "main",
-    "CI_JOB_ID": "8273645",
-    "CI_JOB_NAME": "mvn-build",
-    "CI_JOB_STAGE": "build",
-    "CI_JOB_URL": "https://gitlab.example.com/group/project/-/jobs/8273645",
-    "CI_PIPELINE_ID": "1234567",
-    "CI_PIPELINE_URL": "https://gitlab.example.com/group/project/-/pipelines/1234567",
-    "CI_RUNNER_ID": "12",
-    "CI_RUNNER_DESCRIPTION": "shared runner",
-    "CI_RUNNER_TAGS": '["docker", "linux"]',
-    "CI_RUNNER_VERSION": "18.6.0",
-    "GITLAB_USER_ID": "42",
-    "GITLAB_USER_LOGIN": "jdoe",
-}
+# What a GitLab job gives a service: its public variables (ids are decimal strings).
+JOB_ENV = dict(GITLAB_ENV, CI="true", GITLAB_CI="true")
 
 
-# ==== A capturing Elasticsearch stand-in (until tests/conftest.py provides the shared one)
+# ==== The Elasticsearch stand-in of conftest.py, module-wide (the image bakes its URL)
 
 
-class Capture:
-    """ThreadingHTTPServer on 127.0.0.1, port 0: answers 201 to PUT and records each request."""
+def wait_for_put(server: StandIn, timeout: float = 30) -> tuple[Recorded, float]:
+    """The first document indexed, and when it arrived (time.monotonic())."""
+    with server.arrived:
+        arrived = server.arrived.wait_for(server.puts, timeout)
+    assert arrived, "no document arrived within %s s" % timeout
+    return server.puts()[0], time.monotonic()
 
-    def __init__(self) -> None:
-        self.requests: list[dict[str, object]] = []
-        self.arrived = threading.Event()
-        capture = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_PUT(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                capture.requests.append(
-                    {"path": self.path, "body": json.loads(body), "at": time.monotonic()}
-                )
-                capture.arrived.set()
-                self._answer(201, {"result": "created", "_id": self.path.rsplit("/", 1)[-1]})
-
-            def do_GET(self) -> None:
-                self._answer(200, {"version": {"number": "8.17.0"}})
-
-            def _answer(self, status: int, payload: dict[str, object]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d" % self.server.server_port
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def reset(self) -> None:
-        self.requests.clear()
-        self.arrived.clear()
-
-    def wait(self, timeout: float = 30) -> dict[str, object]:
-        assert self.arrived.wait(timeout), "no document arrived within %s s" % timeout
-        return self.requests[0]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def reset(server: StandIn) -> StandIn:
+    with server.arrived:
+        server.requests.clear()
+        server.documents.clear()
+    return server
 
 
 # ==== podman helpers
@@ -123,7 +70,8 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
         ["podman", *args], env=imagebase.podman_env(), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
-        raise AssertionError("podman %s exited %d\n%s%s" % (args[0], proc.returncode, proc.stdout, proc.stderr))
+        output = proc.stdout + proc.stderr
+        raise AssertionError("podman %s exited %d\n%s" % (args[0], proc.returncode, output))
     return proc
 
 
@@ -135,10 +83,10 @@ def inspect(image: str) -> dict[str, object]:
     return json.loads(podman("image", "inspect", image).stdout)[0]  # type: ignore[no-any-return]
 
 
-def entrypoint(image: str, extra: list[str] = []) -> str:
+def entrypoint(image: str, extra: tuple[str, ...] = ()) -> str:
     """The image's ENTRYPOINT with interpreter options inserted after the interpreter, as JSON."""
     command = inspect(image)["Config"]["Entrypoint"]  # type: ignore[index]
-    return json.dumps(command[:1] + extra + command[1:])
+    return json.dumps([*command[:1], *extra, *command[1:]])
 
 
 def port_answers(port: int, timeout: float = 10) -> bool:
@@ -171,7 +119,7 @@ class Service:
 
     counter = 0
 
-    def __init__(self, image: str, env: dict[str, str], command: list[str], options: list[str] = []):
+    def __init__(self, image: str, env: dict[str, str], command: list[str], options: tuple[str, ...] = ()):
         Service.counter += 1
         self.name = "tracking-test-%d-%d" % (os.getpid(), Service.counter)
         self.started = time.monotonic()
@@ -199,7 +147,7 @@ class Service:
         podman("rm", "-f", self.name, check=False)
 
 
-# ==== Fixtures: base, capture server, images
+# ==== Fixtures: base, stand-in, images
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +159,8 @@ def base() -> str:
 
 
 @pytest.fixture(scope="module")
-def capture():
-    server = Capture()
+def target():
+    server = StandIn()
     yield server
     server.close()
 
@@ -232,16 +180,15 @@ def build(base: str, tag: str, config: dict[str, object] | None) -> None:
 
 
 @pytest.fixture(scope="module")
-def image(base: str, capture: Capture) -> str:
-    """The image with a baked configuration that points at the capture server."""
-    build(base, IMAGE, {"clients": [{"url": capture.url, "esMajorVersion": 8, "timeout": 5}]})
+def image(base: str, target: StandIn) -> str:
+    """The image with a baked configuration that points at the stand-in."""
+    build(base, IMAGE, {"clients": [{"url": target.url, "esMajorVersion": 8, "timeout": 5}]})
     return IMAGE
 
 
 @pytest.fixture()
-def fresh(capture: Capture) -> Capture:
-    capture.reset()
-    return capture
+def fresh(target: StandIn) -> StandIn:
+    return reset(target)
 
 
 @pytest.fixture(scope="module")
@@ -289,38 +236,41 @@ def test_image_has_no_shell_and_read_only_root_owned_files(image: str) -> None:
     assert podman("run", "--rm", "--entrypoint", "/bin/sh", image, "-c", "true", check=False).returncode != 0
     # the nonroot user cannot change what it runs
     write = "open('/app/config.json', 'a')"
-    proc = podman("run", "--rm", "--entrypoint", '["/usr/bin/python3.13", "-c", "%s"]' % write, image, check=False)
+    as_user = json.dumps(["/usr/bin/python3.13", "-c", write])
+    proc = podman("run", "--rm", "--entrypoint", as_user, image, check=False)
     assert proc.returncode == 1 and "PermissionError" in proc.stderr
 
 
 # ==== As a GitLab service
 
 
-def test_service_with_command_delivers_answers_port_and_exits_0_on_sigterm(image: str, fresh: Capture) -> None:
+def test_service_with_command_delivers_answers_port_and_exits_0_on_sigterm(
+    image: str, fresh: StandIn
+) -> None:
     if not port_free(SERVICE_PORT):
         pytest.fail("port %d is taken on this host: the exposed-port check needs it" % SERVICE_PORT)
-    service = Service(image, GITLAB_ENV, ["--service", "maven", "4.1.0"])
+    service = Service(image, JOB_ENV, ["--service", "maven", "4.1.0"])
     try:
-        request = fresh.wait()
+        request, _ = wait_for_put(fresh)
         assert port_answers(SERVICE_PORT), "the exposed port does not answer"
-        document = request["body"]
+        document = request.json()
         assert document["template"] == {"name": "maven", "version": "4.1.0"}  # type: ignore[index]
         assert document["ci"]["job"]["id"] == 8273645  # type: ignore[index]
-        assert str(request["path"]).startswith("/ci-job-")
+        assert request.path.startswith("/ci-job-")
         service.wait_for_log("delivered status=201")
         assert service.terminate() == 0
     finally:
         service.remove()
 
 
-def test_service_without_command_takes_the_template_from_variables(image: str, fresh: Capture) -> None:
+def test_service_without_command_takes_the_template_from_variables(image: str, fresh: StandIn) -> None:
     """A runner that drops the service's command runs CMD ["--service"]."""
     port = free_port()
-    env = dict(GITLAB_ENV, TRACKING_TEMPLATE_NAME="python", TRACKING_TEMPLATE_VERSION="7.2.0",
+    env = dict(JOB_ENV, TRACKING_TEMPLATE_NAME="python", TRACKING_TEMPLATE_VERSION="7.2.0",
                HEALTHCHECK_TCP_PORT=str(port))  # fmt: skip
     service = Service(image, env, [])
     try:
-        document = fresh.wait()["body"]
+        document = wait_for_put(fresh)[0].json()
         assert document["template"] == {"name": "python", "version": "7.2.0"}  # type: ignore[index]
         assert port_answers(port)
         assert service.terminate() == 0
@@ -328,10 +278,11 @@ def test_service_without_command_takes_the_template_from_variables(image: str, f
         service.remove()
 
 
-def test_image_without_configuration_builds_listens_and_sends_nothing(base: str, capture: Capture) -> None:
+def test_image_without_configuration_builds_listens_and_sends_nothing(base: str, target: StandIn) -> None:
     build(base, IMAGE_UNCONFIGURED, None)
     port = free_port()
-    service = Service(IMAGE_UNCONFIGURED, dict(GITLAB_ENV, HEALTHCHECK_TCP_PORT=str(port)), ["--service", "maven", "1"])
+    env = dict(JOB_ENV, HEALTHCHECK_TCP_PORT=str(port))
+    service = Service(IMAGE_UNCONFIGURED, env, ["--service", "maven", "1"])
     try:
         assert port_answers(port)
         service.wait_for_log("no server configured")
@@ -351,7 +302,7 @@ def test_service_delivers_to_a_real_opensearch(image: str) -> None:
         pytest.skip("no real server: %s" % reason)
     server = realservers.start_server(flavour, version)
     try:
-        env = dict(GITLAB_ENV, TRACKING_CONFIGURATION=json.dumps({"clients": [server.client_config()]}),
+        env = dict(JOB_ENV, TRACKING_CONFIGURATION=json.dumps({"clients": [server.client_config()]}),
                    HEALTHCHECK_TCP_PORT=str(free_port()))  # fmt: skip
         dry = podman("run", "--rm", "--network=host", *env_args(env), image, "--dry-run", "gradle", "8.0.0")
         planned = json.loads(dry.stdout)["requests"][0]
@@ -374,14 +325,14 @@ def test_service_delivers_to_a_real_opensearch(image: str) -> None:
 
 @pytest.mark.parametrize("command", [["--service", "maven", "4.1.0"], ["--dry-run", "maven", "4.1.0"]])
 def test_the_probe_loads_every_python_module_from_a_precompiled_file(
-    image: str, fresh: Capture, command: list[str]
+    image: str, fresh: StandIn, command: list[str]
 ) -> None:
     """python -v logs "code object from <file>" for each module it loads from a source or .pyc file."""
-    env = dict(GITLAB_ENV, HEALTHCHECK_TCP_PORT=str(free_port()))
-    service = Service(image, env, command, options=["--entrypoint", entrypoint(image, ["-v"])])
+    env = dict(JOB_ENV, HEALTHCHECK_TCP_PORT=str(free_port()))
+    service = Service(image, env, command, options=("--entrypoint", entrypoint(image, ("-v",))))
     try:
         if command[0] == "--service":
-            fresh.wait()
+            wait_for_put(fresh)
             logs = service.wait_for_log("delivered status=201")
             assert service.terminate() == 0
         else:
@@ -407,7 +358,7 @@ def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 1)
 
 
-def test_measure_start_up_with_and_without_precompiled_modules(image: str, fresh: Capture, report) -> None:
+def test_measure_start_up_with_and_without_precompiled_modules(image: str, fresh: StandIn, report) -> None:
     """Process start to exit of --dry-run inside the container, and container start to delivery."""
     entry = inspect(image)["Config"]["Entrypoint"]  # type: ignore[index]
     timer = (
@@ -423,23 +374,23 @@ def test_measure_start_up_with_and_without_precompiled_modules(image: str, fresh
     )
     plan = [
         ("interpreter alone (-I -c pass)", [], ["-I", "-c", "pass"]),
-        ("--dry-run, precompiled", [], entry[1:] + ["--dry-run", "maven", "4.1.0"]),
-        ("--dry-run, no .pyc", NO_PYC, entry[1:] + ["--dry-run", "maven", "4.1.0"]),
+        ("--dry-run, precompiled", [], [*entry[1:], "--dry-run", "maven", "4.1.0"]),
+        ("--dry-run, no .pyc", NO_PYC, [*entry[1:], "--dry-run", "maven", "4.1.0"]),
     ]
-    proc = podman("run", "--rm", "--network=host", *env_args(GITLAB_ENV), "--entrypoint",
+    proc = podman("run", "--rm", "--network=host", *env_args(JOB_ENV), "--entrypoint",
                   json.dumps([entry[0], "-I", "-c", timer, json.dumps(plan)]), image)  # fmt: skip
     in_container = {name: median_ms(times) for name, times in json.loads(proc.stdout).items()}
 
     delivered: dict[str, list[float]] = {"precompiled": [], "no .pyc": []}
     for _ in range(RUNS):
-        for name, extra in (("precompiled", []), ("no .pyc", NO_PYC)):
-            fresh.reset()
-            env = dict(GITLAB_ENV, HEALTHCHECK_TCP_PORT=str(free_port()))
-            options = ["--entrypoint", entrypoint(image, extra)] if extra else []
+        for name, extra in (("precompiled", ()), ("no .pyc", NO_PYC)):
+            reset(fresh)
+            env = dict(JOB_ENV, HEALTHCHECK_TCP_PORT=str(free_port()))
+            options = ("--entrypoint", entrypoint(image, extra)) if extra else ()
             service = Service(image, env, ["--service", "maven", "4.1.0"], options=options)
             try:
-                arrived = fresh.wait()["at"]
-                delivered[name].append(float(arrived) - service.started)  # type: ignore[arg-type]
+                _, arrived = wait_for_put(fresh)
+                delivered[name].append(arrived - service.started)
             finally:
                 service.remove()
     cold = {name: median_ms(times) for name, times in delivered.items()}
@@ -459,7 +410,10 @@ def test_measure_image_size(image: str, base: str, report) -> None:
             with open(archive, "rb") as source, gzip.open(Path(tmp, "image.tar.gz"), "wb", 6) as target:
                 shutil.copyfileobj(source, target)
             compressed = Path(tmp, "image.tar.gz").stat().st_size
-        sizes[name] = {"uncompressed MB": round(uncompressed / 1e6, 1), "podman save | gzip MB": round(compressed / 1e6, 1)}
+        sizes[name] = {
+            "uncompressed MB": round(uncompressed / 1e6, 1),
+            "podman save | gzip MB": round(compressed / 1e6, 1),
+        }
     sizes["added by the Dockerfile, uncompressed MB"] = round(
         sizes["image"]["uncompressed MB"] - sizes["base (distroless equivalent)"]["uncompressed MB"], 1
     )

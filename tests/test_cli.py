@@ -1,0 +1,181 @@
+"""The command line: --dry-run, --check, --version, --help, -q, -v, TRACKING_DISABLED, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import TRACKING, basic_auth, probe_env, run_probe, unused_port, write_config
+
+import tracking
+
+# Run the probe under an audit hook that makes any socket connection fatal.
+NO_NETWORK = (
+    "import runpy, sys\n"
+    "def hook(event, args):\n"
+    "    if event in ('socket.connect', 'socket.getaddrinfo', 'socket.bind'):\n"
+    "        sys.stderr.write('network used: %s\\n' % event)\n"
+    "        raise SystemExit(3)\n"
+    "sys.addaudithook(hook)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def test_dry_run_on_a_fresh_clone_prints_the_document():
+    result = run_probe("--dry-run", "maven", "3.9.0")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["document"]["@type"] == "ci-job"
+    assert plan["document"]["template"] == {"name": "maven", "version": "3.9.0"}
+
+
+def test_dry_run_opens_no_connection(standin, tmp_path):
+    config = write_config(tmp_path, {"url": standin.url, "authentication": basic_auth()},
+                          {"url": "https://es.example.com"})
+    result = subprocess.run([sys.executable, "-c", NO_NETWORK, TRACKING, "--dry-run", "maven", "1",
+                             "--config", config], env=probe_env(), capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["requests"]) == 2
+    assert standin.requests == []
+
+
+def test_the_audit_hook_does_catch_a_real_run(standin, tmp_path):
+    """Proves the no-network harness above can fail."""
+    config = write_config(tmp_path, {"url": standin.url, "timeout": 1})
+    result = subprocess.run([sys.executable, "-c", NO_NETWORK, TRACKING, "maven", "1", "--config", config],
+                            env=probe_env(), capture_output=True, text=True, timeout=30, check=False)
+    assert "network used: socket." in result.stderr
+    assert standin.requests == []
+
+
+def test_version():
+    result = run_probe("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == "tracking.py %s" % tracking.__version__
+
+
+def test_help_lists_every_option_and_the_exit_codes():
+    result = run_probe("--help")
+    assert result.returncode == 0
+    for option in ("--service", "--config", "--dry-run", "--check", "--strict", "--quiet",
+                   "--verbose", "--version", "TRACKING_CONFIGURATION", "Exit codes"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("args", [("--bogus",), ("maven",), ("a", "b", "c"), ("--check", "--dry-run")])
+def test_usage_errors_exit_2(args):
+    result = run_probe(*args)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+def test_no_configuration_sends_nothing_and_exits_0():
+    result = run_probe("maven", "1")
+    assert result.returncode == 0
+    assert "no server configured" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "TRUE", "Yes"])
+def test_tracking_disabled_sends_nothing(standin, tmp_path, value):
+    config = write_config(tmp_path, {"url": standin.url})
+    result = run_probe("maven", "1", "--config", config, "--strict",
+                       env=probe_env(TRACKING_DISABLED=value))
+    assert result.returncode == 0
+    assert standin.requests == []
+    assert "disabled" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", ""])
+def test_tracking_disabled_false_values_still_send(standin, tmp_path, value):
+    config = write_config(tmp_path, {"url": standin.url})
+    run_probe("maven", "1", "--config", config, env=probe_env(TRACKING_DISABLED=value))
+    assert len(standin.documents) == 1
+
+
+def test_quiet_hides_success_but_not_failure(standin, tmp_path):
+    dead = "http://127.0.0.1:%d" % unused_port()
+    config = write_config(tmp_path, {"url": standin.url}, {"url": dead, "timeout": 0.5})
+    result = run_probe("maven", "1", "--config", config, "-q")
+    assert "delivered" not in result.stderr
+    assert "failed" in result.stderr and dead in result.stderr
+
+
+def test_verbose_logs_each_attempt(standin, tmp_path):
+    standin.respond_with(503)
+    config = write_config(tmp_path, {"url": standin.url})
+    result = run_probe("maven", "1", "--config", config, "-v")
+    assert "attempt 1: status=503" in result.stderr
+    assert "attempt 2: status=201" in result.stderr
+
+
+# ------------------------------------------------------------------ --check
+
+
+def check(tmp_path, *clients: dict):
+    return run_probe("--check", "--config", write_config(tmp_path, *clients))
+
+
+def test_check_reports_flavour_version_and_write_privilege(standin, tmp_path):
+    result = check(tmp_path, {"url": standin.url, "authentication": basic_auth(), "indexPrefix": "tbc-"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = result.stdout.strip()
+    assert line.startswith("ok")
+    assert "elasticsearch 8.15.0" in line and "can write" in line and "tbc-ci-job-" in line
+    assert standin.puts() == []  # nothing indexed
+    [query] = [r for r in standin.requests if "_has_privileges" in r.path]
+    assert query.json()["index"][0]["privileges"] == ["create_doc"]
+
+
+def test_check_reports_missing_write_privilege(standin, tmp_path):
+    standin.privileges = (200, {"has_all_requested": False})
+    result = check(tmp_path, {"url": standin.url, "authentication": basic_auth()})
+    assert result.returncode == 1
+    assert result.stdout.startswith("FAIL") and "cannot write" in result.stdout
+
+
+def test_check_reports_opensearch(standin, tmp_path):
+    standin.root = {"version": {"distribution": "opensearch", "number": "2.19.1"}}
+    result = check(tmp_path, {"url": standin.url})
+    assert result.returncode == 0
+    assert "opensearch 2.19.1" in result.stdout
+
+
+def test_check_without_security_says_so(standin, tmp_path):
+    standin.privileges = (400, {"error": "no handler found for uri"})
+    result = check(tmp_path, {"url": standin.url})
+    assert result.returncode == 0
+    assert "security not enabled" in result.stdout
+
+
+def test_check_reports_authentication_failure(standin, tmp_path):
+    standin.privileges = (401, {"error": {"type": "security_exception", "reason": "unable to authenticate"}})
+    result = check(tmp_path, {"url": standin.url, "authentication": basic_auth()})
+    assert result.returncode == 1
+    assert "authentication failed (401 security_exception" in result.stdout
+
+
+def test_check_reports_unreachable_servers_one_line_each(standin, tmp_path):
+    dead = "http://127.0.0.1:%d" % unused_port()
+    result = check(tmp_path, {"url": standin.url}, {"url": dead, "timeout": 1})
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("ok") and lines[1].startswith("FAIL")
+    assert "connection refused" in lines[1]
+
+
+def test_check_reports_tls_problems(standin_factory, certificates, tmp_path):
+    https = standin_factory(certificates.server_context())
+    result = check(tmp_path, {"url": https.url})
+    assert result.returncode == 1
+    assert "tls: certificate verify failed" in result.stdout
+
+
+def test_check_needs_no_template_arguments_and_validates_first(tmp_path):
+    result = check(tmp_path, {"url": "http://h", "timeout": "5s"})
+    assert result.returncode == 2
+    assert "clients[0].timeout" in result.stderr

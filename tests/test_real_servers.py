@@ -1,0 +1,446 @@
+"""tracking.py against real Elasticsearch and OpenSearch servers (see tests/realservers.py).
+
+Each server starts once and is shared by the tests that need it; at most two
+JVMs run at once. Without Java or Maven, or when a download fails, these tests
+skip with the reason, unless TRACKING_REQUIRE_REAL_SERVERS=1 (CI), where they fail.
+
+Run: python -m pytest -m integration tests/test_real_servers.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import realservers
+from realservers import ELASTICSEARCH, OPENSEARCH
+
+pytestmark = pytest.mark.integration
+
+TRACKING = str(Path(__file__).resolve().parent.parent / "tracking.py")
+REQUIRE_SERVERS = os.environ.get("TRACKING_REQUIRE_REAL_SERVERS") == "1"
+
+# (flavour, version, security, tls): the server each flavour's common tests run against.
+# Elasticsearch 8 runs with security and HTTPS so that one instance serves every ES 8 case;
+# 9 with security over plain HTTP; 7.17 and the OpenSearch integ-test zips without security.
+ES8 = (ELASTICSEARCH, "8.19.21", True, True)
+# 8.8.2: the newest 8.x integ-test zip that still answers GET / (8.9+ moved that
+# handler into the rest-root module, which the integ-test zip leaves out).
+ES8_WITH_ROOT = (ELASTICSEARCH, "8.8.2", True, True)
+MATRIX = [
+    (OPENSEARCH, "2.19.6", False, False),
+    (OPENSEARCH, "3.8.0", False, False),
+    (ELASTICSEARCH, "7.17.29", False, False),
+    ES8,
+    (ELASTICSEARCH, "9.2.4", True, False),
+]
+
+POOL = realservers.ServerPool(max_running=2)  # 2 cores on a shared box
+_unavailable: dict[tuple, str] = {}
+
+GITLAB_JOB = {
+    "CI_SERVER_URL": "https://gitlab.example.com",
+    "GITLAB_USER_ID": "6097",
+    "GITLAB_USER_LOGIN": "pismy",
+    "CI_PROJECT_ID": "23568",
+    "CI_PROJECT_URL": "https://gitlab.example.com/to-be-continuous/samples/maven-library",
+    "CI_COMMIT_REF_NAME": "master",
+    "CI_JOB_NAME": "mvn-build",
+    "CI_JOB_STAGE": "package-publish",
+    "CI_PIPELINE_ID": "1835260",
+    "CI_PIPELINE_URL": "https://gitlab.example.com/to-be-continuous/samples/maven-library/-/pipelines/1835260",
+    "CI_RUNNER_ID": "44949",
+    "CI_RUNNER_DESCRIPTION": "shared-runners-manager-4.gitlab.com",
+    "CI_RUNNER_TAGS": '["gce", "east-c", "shared", "docker", "linux"]',
+    "CI_RUNNER_VERSION": "13.12.0-rc1",
+}
+
+
+def server_id(key):
+    flavour, version, security, tls = key
+    return f"{flavour}-{version}" + ("-security" if security else "") + ("-tls" if tls else "")
+
+
+def obtain(key):
+    """The running server for key, started on first use; skip (or fail in CI) when impossible."""
+    if key in _unavailable:
+        unavailable(_unavailable[key])
+    try:
+        return POOL.get(*key)
+    except realservers.ServerUnavailable as error:
+        _unavailable[key] = f"{server_id(key)}: {error}"
+        unavailable(_unavailable[key])
+
+
+def unavailable(reason):
+    if REQUIRE_SERVERS:
+        pytest.fail(f"TRACKING_REQUIRE_REAL_SERVERS=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_servers_at_the_end():
+    yield
+    POOL.stop_all()
+
+
+# Module scope and params: pytest groups the tests by server, so each starts once.
+@pytest.fixture(scope="module", params=MATRIX, ids=server_id)
+def server(request):
+    return obtain(request.param)
+
+
+@pytest.fixture(scope="module", params=[ES8_WITH_ROOT, ES8], ids=server_id)
+def secure_es8(request):
+    return obtain(request.param)
+
+
+@pytest.fixture
+def es8():
+    return obtain(ES8)
+
+
+@pytest.fixture
+def prefix(request):
+    """A fresh index prefix per test: tests never see each other's documents."""
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:60]
+    return f"it-{name}-{random.randrange(10**6)}-"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def job_env(config, **extra):
+    """An environment built from scratch: PATH, a GitLab job with a fresh job id, the config."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **GITLAB_JOB}
+    job_id = str(random.randrange(10**8, 10**9))
+    env["CI_JOB_ID"] = job_id
+    env["CI_JOB_URL"] = f"{GITLAB_JOB['CI_PROJECT_URL']}/-/jobs/{job_id}"
+    env["TRACKING_CONFIGURATION"] = json.dumps({"clients": config})
+    env.update(extra)
+    return env
+
+
+def run_tracking(*args, env, timeout=60):
+    return subprocess.run(
+        [sys.executable, TRACKING, *args], env=env, capture_output=True, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+    )
+
+
+def dry_run(env):
+    """The document and, per client, the index and id the real run will use."""
+    result = run_tracking("--dry-run", "maven", "4.2.0", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def read_document(server, index, identifier):
+    status, body = server.request("GET", f"/{index}/_doc/{identifier}")
+    assert status == 200, (status, body)
+    return body["_source"]
+
+
+def count_documents(server, index):
+    server.request("POST", f"/{index}/_refresh")
+    status, body = server.request("GET", f"/{index}/_count")
+    assert status == 200, body
+    return body["count"]
+
+
+def assert_same_json(actual, expected, path="$"):
+    """Equal values of equal JSON types (1 == 1.0 == True in Python, not in JSON)."""
+    assert type(actual) is type(expected), f"{path}: {type(actual).__name__} != {type(expected).__name__}"
+    if isinstance(expected, dict):
+        assert sorted(actual) == sorted(expected), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        for key in expected:
+            assert_same_json(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), path
+        for position, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_json(a, e, f"{path}[{position}]")
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def field_types(mapping_properties, path=""):
+    """{"ci.job.id": "long", ...} from a mapping's properties."""
+    types = {}
+    for name, field in mapping_properties.items():
+        full = f"{path}{name}"
+        if "properties" in field:
+            types.update(field_types(field["properties"], full + "."))
+        else:
+            types[full] = field.get("type")
+    return types
+
+
+def log_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("tracking: ")]
+
+
+def root_answers(server):
+    """Whether GET / works (not on the 8.9+ integ-test zips: no rest-root module)."""
+    status, _ = server.request("GET", "/")
+    return status == 200
+
+
+def create_user(server, name, password, index_privileges, cluster=()):
+    """An Elasticsearch native user with its own role (admin creates both)."""
+    role = {"cluster": list(cluster), "indices": index_privileges}
+    status, body = server.request("PUT", f"/_security/role/{name}", role)
+    assert status == 200, body
+    status, body = server.request("PUT", f"/_security/user/{name}", {"password": password, "roles": [name]})
+    assert status == 200, body
+    return {"username": name, "password": password}
+
+
+# ---------------------------------------------------------------- every flavour
+
+
+def test_document_round_trips_with_every_field_type_and_mapping(server, prefix):
+    env = job_env([server.client_config(indexPrefix=prefix)])
+    plan = dry_run(env)
+    (request,) = plan["requests"]
+    index, identifier = request["index"], request["documentId"]
+    assert index.startswith(prefix + "ci-job-")
+
+    result = run_tracking("maven", "4.2.0", env=env)
+
+    assert result.returncode == 0, result.stderr
+    (line,) = log_lines(result.stderr)
+    assert f"index={index} delivered status=201 attempts=1" in line
+    stored = read_document(server, index, identifier)
+    expected = plan["document"]
+    # The dry run was a moment earlier: @timestamp may differ by a second or two.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stored.pop("@timestamp"))
+    expected.pop("@timestamp")
+    assert_same_json(stored, expected)
+    assert stored["ci"]["job"]["id"] == int(env["CI_JOB_ID"])
+    assert stored["ci"]["runner"]["tags"] == "gce, east-c, shared, docker, linux"
+
+    status, mapping = server.request("GET", f"/{index}/_mapping")
+    assert status == 200, mapping
+    types = field_types(mapping[index]["mappings"]["properties"])
+    assert types["@timestamp"] == "date"
+    for field in ("ci.user.id", "ci.project.id", "ci.job.id", "ci.pipeline.id", "ci.runner.id"):
+        assert types[field] == "long", field
+    for field in ("@type", "template.name", "template.version", "ci.job.name", "ci.runner.tags"):
+        assert types[field] == "text", field
+
+
+def test_same_job_twice_stores_exactly_one_document(server, prefix):
+    env = job_env([server.client_config(indexPrefix=prefix)])
+    index = dry_run(env)["requests"][0]["index"]
+
+    first = run_tracking("maven", "4.2.0", env=env)
+    second = run_tracking("maven", "4.2.0", env=env)
+
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert "delivered status=201" in first.stderr
+    assert "delivered status=409" in second.stderr
+    assert count_documents(server, index) == 1
+
+
+def test_dead_address_does_not_hold_back_the_real_server(server, prefix, blackhole_server):
+    timeout = 2
+    env = job_env([
+        server.client_config(indexPrefix=prefix),
+        {"url": blackhole_server, "timeout": timeout, "indexPrefix": prefix},
+    ])
+    request = dry_run(env)["requests"][0]
+    index, identifier = request["index"], request["documentId"]
+
+    started = time.monotonic()
+    result = run_tracking("--strict", "maven", "4.2.0", env=env)
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 1, result.stderr  # --strict: one server failed
+    assert 0 < elapsed < timeout + 3, elapsed  # the budget plus interpreter start and a margin
+    lines = log_lines(result.stderr)
+    assert any(server.url in line and "delivered status=201" in line for line in lines), lines
+    assert any(blackhole_server in line and "failed" in line and "error=timeout" in line for line in lines), lines
+    read_document(server, index, identifier)
+
+
+def test_check_names_flavour_and_version(server, prefix):
+    if not root_answers(server):
+        pytest.xfail(f"{server.flavour} {server.version} integ-test zip answers GET / with 405 "
+                     "(no rest-root module); --check reads flavour and version from GET /")
+    env = job_env([server.client_config(indexPrefix=prefix)])
+
+    result = run_tracking("--check", env=env)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("ok ")
+    assert f"{server.flavour} {server.version}" in line
+    assert "can write" in line
+
+
+# ---------------------------------------------------------------- several servers
+
+
+def test_two_real_servers_in_one_configuration_both_receive_it(prefix):
+    opensearch = obtain(MATRIX[0])
+    elasticsearch = obtain(ES8)
+    opensearch = POOL.get(*MATRIX[0], keep=(elasticsearch,))  # still running (pool of two)
+    env = job_env([opensearch.client_config(indexPrefix=prefix),
+                   elasticsearch.client_config(indexPrefix=prefix)])
+    plan = dry_run(env)
+
+    result = run_tracking("--strict", "maven", "4.2.0", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert len([line for line in log_lines(result.stderr) if "delivered status=201" in line]) == 2
+    for target, request in zip((opensearch, elasticsearch), plan["requests"]):
+        stored = read_document(target, request["index"], request["documentId"])
+        assert stored["ci"]["job"]["id"] == int(env["CI_JOB_ID"])
+
+
+# ---------------------------------------------------------------- Elasticsearch 8 security
+
+
+def test_api_key_delivers(es8, prefix):
+    status, key = es8.request("POST", "/_security/api_key", {"name": "tracking-probe-test"})
+    assert status == 200, key
+    env = job_env([es8.client_config(indexPrefix=prefix, authentication={"apiKey": key["encoded"]})])
+    request = dry_run(env)["requests"][0]
+
+    result = run_tracking("--strict", "maven", "4.2.0", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert "delivered status=201" in result.stderr
+    assert key["encoded"] not in result.stderr + result.stdout
+    read_document(es8, request["index"], request["documentId"])
+
+
+def test_wrong_password_fails_open_and_strict_fails(es8, prefix):
+    wrong = {"username": es8.admin_auth[0], "password": "Wr0ng-pa55word-x7"}
+    env = job_env([es8.client_config(indexPrefix=prefix, authentication=wrong)])
+
+    lenient = run_tracking("maven", "4.2.0", env=env)
+    strict = run_tracking("--strict", "maven", "4.2.0", env=env)
+
+    assert lenient.returncode == 0, lenient.stderr
+    assert strict.returncode == 1, strict.stderr
+    for result in (lenient, strict):
+        (line,) = log_lines(result.stderr)
+        assert "failed status=401" in line
+        assert "security_exception" in line
+        assert wrong["password"] not in result.stderr + result.stdout
+        assert es8.admin_auth[1] not in result.stderr + result.stdout
+
+
+def test_least_privilege_role_delivers_and_check_says_can_write(secure_es8, prefix):
+    writer = create_user(secure_es8, f"writer-{prefix.strip('-')[-12:]}", "Wr1ter-pa55word-z",
+                         [{"names": [prefix + "*"], "privileges": ["create_doc"]}])
+    env = job_env([secure_es8.client_config(indexPrefix=prefix, authentication=writer)])
+    request = dry_run(env)["requests"][0]
+
+    delivered = run_tracking("--strict", "maven", "4.2.0", env=env)
+
+    assert delivered.returncode == 0, delivered.stderr
+    assert "delivered status=201" in delivered.stderr
+    read_document(secure_es8, request["index"], request["documentId"])  # as admin
+    status, _ = secure_es8.request("GET", f"/{request['index']}/_doc/{request['documentId']}",
+                                   auth=(writer["username"], writer["password"]))
+    assert status == 403  # the role really is write-only
+
+    if not root_answers(secure_es8):
+        pytest.xfail(f"elasticsearch {secure_es8.version} integ-test zip answers GET / with 405 "
+                     "(no rest-root module): --check reports 'unexpected answer 405'")
+    checked = run_tracking("--check", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.startswith("ok ")
+    assert "can write" in checked.stdout
+    assert writer["password"] not in checked.stdout + checked.stderr
+
+
+def test_role_without_write_fails_check(secure_es8, prefix):
+    reader = create_user(secure_es8, f"reader-{prefix.strip('-')[-12:]}", "Re4der-pa55word-z",
+                         [{"names": [prefix + "*"], "privileges": ["read"]}], cluster=["monitor"])
+    env = job_env([secure_es8.client_config(indexPrefix=prefix, authentication=reader)])
+
+    if not root_answers(secure_es8):
+        pytest.xfail(f"elasticsearch {secure_es8.version} integ-test zip answers GET / with 405 "
+                     "(no rest-root module): --check reports 'unexpected answer 405'")
+    checked = run_tracking("--check", env=env)
+
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert checked.stdout.startswith("FAIL ")
+    assert f"elasticsearch {secure_es8.version}" in checked.stdout
+    assert "cannot write" in checked.stdout
+
+
+def test_wrong_major_version_is_reported(es8, prefix):
+    env = job_env([es8.client_config(indexPrefix=prefix, esMajorVersion=6)])
+    assert dry_run(env)["requests"][0]["url"].endswith("/_create")
+
+    lenient = run_tracking("maven", "4.2.0", env=env)
+    strict = run_tracking("--strict", "maven", "4.2.0", env=env)
+
+    assert lenient.returncode == 0, lenient.stderr
+    assert strict.returncode == 1, strict.stderr
+    (line,) = log_lines(strict.stderr)
+    assert "failed status=400" in line or "failed status=405" in line, line
+    assert "no handler found" in line or "Incorrect HTTP method" in line, line
+
+
+# ---------------------------------------------------------------- HTTPS
+
+
+def test_https_without_ca_fails_with_a_tls_error(es8, prefix):
+    config = es8.client_config(indexPrefix=prefix, timeout=5)
+    del config["caCertificate"]
+    env = job_env([config])
+
+    result = run_tracking("--strict", "maven", "4.2.0", env=env)
+
+    assert result.returncode == 1, result.stderr
+    (line,) = log_lines(result.stderr)
+    assert "failed" in line and "tls" in line and "certificate verify failed" in line, line
+
+
+def test_https_with_inline_ca_pem_delivers(es8, prefix):
+    config = es8.client_config(indexPrefix=prefix)
+    config["caCertificate"] = Path(es8.ca_path).read_text()
+    env = job_env([config])
+
+    result = run_tracking("--strict", "maven", "4.2.0", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert "delivered status=201" in result.stderr
+
+
+def test_skip_ssl_verification_delivers_with_a_warning(es8, prefix):
+    config = es8.client_config(indexPrefix=prefix, skipSslVerification=True)
+    del config["caCertificate"]
+    env = job_env([config])
+    request = dry_run(env)["requests"][0]
+
+    result = run_tracking("--strict", "maven", "4.2.0", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert "delivered status=201" in result.stderr
+    assert re.search(r"warning: .*(verification|skipSslVerification)", result.stderr), result.stderr
+    read_document(es8, request["index"], request["documentId"])
+
+
+@pytest.fixture
+def blackhole_server():
+    """A loopback port that accepts connections (kernel backlog) and never answers."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+    yield "http://127.0.0.1:%d" % listener.getsockname()[1]
+    listener.close()
