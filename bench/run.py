@@ -13,7 +13,7 @@ judged as a ratio measured in the same run. Absolute times are printed, never as
    total <= T + 0.5 s; the healthy document arrives in about the single-server time.
 4. peak RSS of each variant (ru_maxrss of the child, forked from a small spawner process).
 5. import cost: start-up ladder and `python -X importtime -c "import tracking"`.
-6. inside the image (podman), with and without the precompiled standard library.
+6. inside the image (podman, set up as tests/imagebase.py does), with and without its .pyc files.
 
 "Time to delivered" runs from the moment the spawner forks the child to the moment the loopback
 server has read the whole document and answered 201 (CLOCK_MONOTONIC in both processes).
@@ -65,10 +65,19 @@ BASE_ENV = {
 FANOUT = (1, 5, 20)
 PROBE_TARGET, FANOUT_TARGET, BLACKHOLE_SLACK = 1.10, 1.3, 0.5
 IMPORT_BASELINE = "import json, urllib.request, ssl"
+LABELS = {
+    "probe": "`python tracking.py`",
+    "probe-pyc": "probe imported from its .pyc",
+    "floor": "floor",
+    "curl": "curl",
+}
+
+
+STARTED = time.monotonic()
 
 
 def log(message):
-    print("bench: " + message, file=sys.stderr, flush=True)
+    print("bench: %5.1f s: %s" % (time.monotonic() - STARTED, message), file=sys.stderr, flush=True)
 
 
 # ==== Test certificates (openssl CLI; the standard library cannot make them)
@@ -79,26 +88,28 @@ def make_certificates(directory):
     if not shutil.which("openssl"):
         return None
 
-    def path(name):
-        return os.path.join(directory, name)
-
-    with open(path("server.ext"), "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-                "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n")
-    commands = [
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=tracking bench CA",
-         "-keyout", path("ca.key"), "-out", path("ca.pem"),
-         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-         "-addext", "subjectKeyIdentifier=hash"],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-         "-keyout", path("server.key"), "-out", path("server.csr")],
-        ["x509", "-req", "-days", "2", "-in", path("server.csr"), "-CA", path("ca.pem"), "-CAkey", path("ca.key"),
-         "-CAcreateserial", "-extfile", path("server.ext"), "-out", path("server.pem")],
-    ]
+    paths = {
+        name: os.path.join(directory, name)
+        for name in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem", "server.ext")
+    }
+    with open(paths["server.ext"], "w") as f:
+        f.write(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n"
+        )
+    commands = (  # RSA 2048, as elasticsearch-certutil makes by default
+        "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=tracking-bench-CA -keyout {ca.key} -out {ca.pem}"
+        " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
+        " -addext subjectKeyIdentifier=hash",
+        "req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout {server.key} -out {server.csr}",
+        "x509 -req -days 2 -in {server.csr} -CA {ca.pem} -CAkey {ca.key} -CAcreateserial"
+        " -extfile {server.ext} -out {server.pem}",
+    )
     for command in commands:
-        subprocess.run(["openssl"] + command, check=True, capture_output=True)
-    return {"ca": path("ca.pem"), "cert": path("server.pem"), "key": path("server.key")}
+        argv = [paths.get(word[1:-1], word) if word.startswith("{") else word for word in command.split()]
+        subprocess.run(["openssl", *argv], check=True, capture_output=True)
+    return {"ca": paths["ca.pem"], "cert": paths["server.pem"], "key": paths["server.key"]}
 
 
 # ==== Loopback servers
@@ -132,6 +143,7 @@ class Deliveries:
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30
+    disable_nagle_algorithm = True  # as Elasticsearch (Netty) does: no 40 ms delayed-ACK stall on the body
 
     def do_PUT(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -267,7 +279,8 @@ for line in sys.stdin:
     print(json.dumps({"pid": pid}), flush=True)
     _, status, usage = os.wait4(pid, 0)
     exited = time.monotonic()
-    print(json.dumps({"started": started, "exited": exited, "status": os.waitstatus_to_exitcode(status),
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+    print(json.dumps({"started": started, "exited": exited, "status": code,
                       "maxrss_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
 """
 
@@ -275,8 +288,13 @@ for line in sys.stdin:
 class Spawner:
     def __init__(self, workdir):
         self.workdir = workdir
-        self.process = subprocess.Popen([sys.executable, "-I", "-S", "-c", SPAWNER], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", SPAWNER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
     def _read(self, timeout):
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
@@ -285,8 +303,10 @@ class Spawner:
     def run(self, argv, env, cwd=ROOT, timeout=60.0):
         """Runs argv to its end: {started, exited, status, maxrss_kib, cpu, stdout, stderr}."""
         out, err = os.path.join(self.workdir, "stdout"), os.path.join(self.workdir, "stderr")
-        argv = [shutil.which(argv[0]) or argv[0]] + list(argv[1:])
-        self.process.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": cwd, "out": out, "err": err}) + "\n")
+        argv = [shutil.which(argv[0]) or argv[0], *argv[1:]]
+        self.process.stdin.write(
+            json.dumps({"argv": argv, "env": env, "cwd": cwd, "out": out, "err": err}) + "\n"
+        )
         pid = self._read(10)["pid"]
         result = self._read(timeout)
         if result is None:
@@ -311,7 +331,11 @@ class Case:
     """One variant (probe, floor or curl) against a set of servers, run again every round."""
 
     def __init__(self, name, kind, servers, blackholes=(), timeout=5.0):
-        self.name, self.kind, self.servers, self.blackholes, self.timeout = name, kind, servers, blackholes, timeout
+        self.name = name
+        self.kind = kind  # probe, probe-pyc, floor, curl, image, image-nopyc
+        self.servers = servers
+        self.blackholes = blackholes
+        self.timeout = timeout
         self.runs = []
 
     def ok_runs(self):
@@ -339,8 +363,8 @@ class Bench:
         self.servers = Servers(self.certificates)
         self.spawner = Spawner(workdir)
         self.curl = shutil.which("curl")
+        self.load_at_start = os.getloadavg()[0]  # other work on the machine: the noise to expect
         self.job_ids = iter(range(int(time.time()) * 1000, 1 << 62))
-        self.notes = []
 
     def close(self):
         self.spawner.close()
@@ -349,8 +373,13 @@ class Bench:
     def configuration(self, urls, timeout):
         clients = []
         for url in urls:
-            client = {"url": url, "timeout": timeout, "esMajorVersion": 8, "indexPrefix": "tbc-",
-                      "authentication": {"username": "bench", "password": "bench-password"}}
+            client = {
+                "url": url,
+                "timeout": timeout,
+                "esMajorVersion": 8,
+                "indexPrefix": "tbc-",
+                "authentication": {"username": "bench", "password": "bench-password"},
+            }
             if url.startswith("https:"):
                 client["caCertificate"] = self.certificates["ca"]
             clients.append(client)
@@ -358,25 +387,39 @@ class Bench:
 
     def environment(self, case, job_id):
         urls = [s.url for s in case.servers] + [b.url for b in case.blackholes]
-        env = dict(BASE_ENV, PATH=os.environ.get("PATH", "/usr/bin:/bin"), CI_JOB_ID=str(job_id),
-                   CI_JOB_URL="https://gitlab.example.com/group/project/-/jobs/%d" % job_id,
-                   TRACKING_CONFIGURATION=json.dumps(self.configuration(urls, case.timeout)),
-                   TRACKING_TEMPLATE_NAME=TEMPLATE[0], TRACKING_TEMPLATE_VERSION=TEMPLATE[1])
+        env = dict(
+            BASE_ENV,
+            PATH=os.environ.get("PATH", "/usr/bin:/bin"),
+            CI_JOB_ID=str(job_id),
+            CI_JOB_URL="https://gitlab.example.com/group/project/-/jobs/%d" % job_id,
+            TRACKING_CONFIGURATION=json.dumps(self.configuration(urls, case.timeout)),
+            TRACKING_TEMPLATE_NAME=TEMPLATE[0],
+            TRACKING_TEMPLATE_VERSION=TEMPLATE[1],
+        )
         return env
 
     def command(self, case, env):
         if case.kind == "probe":
-            return [self.python, self.probe] + list(TEMPLATE)
+            return [self.python, self.probe, *TEMPLATE]
+        if case.kind == "probe-pyc":  # as the image runs it: imported, so from its cached .pyc
+            code = (
+                "import sys; sys.path.insert(0, %r); import tracking; sys.exit(tracking.main())"
+                % os.path.dirname(self.probe)
+            )
+            return [self.python, "-c", code, *TEMPLATE]
         if case.kind == "floor":
-            return [self.python, os.path.join(BENCH, "floor.py")] + list(TEMPLATE)
+            return [self.python, os.path.join(BENCH, "floor.py"), *TEMPLATE]
         # curl sends the floor's document, written to a file before the clock starts
         now = time.time()
         body = os.path.join(self.workdir, "body.json")
         with open(body, "w") as f:
             json.dump(floor.build_document(env, TEMPLATE[0], TEMPLATE[1], now), f, separators=(",", ":"))
-        path = "/tbc-ci-job-%s/_create/%s" % (time.strftime("%Y.%m", time.gmtime(now)), floor.document_id(env, TEMPLATE[0]))
-        argv = [self.curl, "-sS", "-X", "PUT", "-H", "Content-Type: application/json", "--data-binary", "@" + body,
-                "-u", "bench:bench-password", "--max-time", str(case.timeout)]
+        path = "/tbc-ci-job-%s/_create/%s" % (
+            time.strftime("%Y.%m", time.gmtime(now)),
+            floor.document_id(env, TEMPLATE[0]),
+        )
+        argv = [self.curl, *"-sS -X PUT -u bench:bench-password --max-time".split(), str(case.timeout)]
+        argv += ["-H", "Content-Type: application/json", "--data-binary", "@" + body]
         if any(s.url.startswith("https:") for s in case.servers):
             argv += ["--cacert", self.certificates["ca"], "--tlsv1.2"]
         if len(case.servers) > 1:
@@ -389,17 +432,21 @@ class Bench:
         result = self.spawner.run(self.command(case, env), env, timeout=case.timeout * 3 + 30)
         wanted = {s.number for s in case.servers}
         got = self.servers.deliveries.wait_for(job_id, wanted, timeout=1.0)
-        run = {"exit": result["exited"] - result["started"], "status": result["status"],
-               "rss_mib": result["maxrss_kib"] / 1024, "cpu": result["cpu"],
-               "delivered": max(got.values()) - result["started"] if len(got) == len(wanted) else None,
-               "stderr": result["stderr"][-2000:]}
+        run = {
+            "exit": result["exited"] - result["started"],
+            "status": result["status"],
+            "rss_mib": result["maxrss_kib"] / 1024,
+            "cpu": result["cpu"],
+            "delivered": max(got.values()) - result["started"] if len(got) == len(wanted) else None,
+            "stderr": result["stderr"][-2000:],
+        }
         run["ok"] = run["delivered"] is not None and run["status"] == 0
         case.runs.append(run)
         return run
 
     def rounds(self, cases, rounds, warmup=1):
         """Runs every case once per round, in a new shuffled order each round."""
-        order = random.Random(len(cases) * 7919 + rounds)
+        order = random.Random(len(cases) * 7919 + rounds)  # noqa: S311 (an order, not a secret)
         for number in range(warmup + rounds):
             shuffled = list(cases)
             order.shuffle(shuffled)
@@ -408,7 +455,10 @@ class Bench:
                 if number < warmup:
                     case.runs.pop()
                     if not run["ok"]:
-                        log("%s: warm-up run failed (status %s): %s" % (case.name, run["status"], run["stderr"]))
+                        log(
+                            "%s: warm-up run failed (status %s): %s"
+                            % (case.name, run["status"], run["stderr"])
+                        )
 
 
 # ==== Sections
@@ -423,15 +473,20 @@ def delivery_cases(bench):
         sizes = FANOUT if scheme == schemes[-1] else (1,)
         for size in sizes:
             servers = bench.servers.start(scheme, size)
-            for kind in kinds:
+            for kind in kinds + (["probe-pyc"] if size == 1 else []):
                 cases[(scheme, size, kind)] = Case("%s %s x%d" % (kind, scheme, size), kind, servers)
     return cases
 
 
-def blackhole_case(bench, scheme, timeout):
+def blackhole_cases(bench, scheme, timeout):
+    """Item 3: the probe with a blackhole beside a healthy server, and the healthy one alone."""
     healthy = bench.servers.start(scheme, 1)
     blackhole = Blackhole(scheme)
-    return Case("probe %s + blackhole" % scheme, "probe", healthy, blackholes=[blackhole], timeout=timeout), blackhole
+    return (
+        Case("probe %s + blackhole" % scheme, "probe", healthy, blackholes=[blackhole], timeout=timeout),
+        Case("probe %s alone" % scheme, "probe", healthy, timeout=timeout),
+        blackhole,
+    )
 
 
 def parse_importtime(text):
@@ -444,11 +499,11 @@ def parse_importtime(text):
     for line in text.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
             continue
-        own, cumulative, name = line[len("import time:"):].split("|")
+        own, cumulative, name = line[len("import time:") :].split("|")
         entries.append((name.strip(), int(own), int(cumulative), (len(name) - len(name.lstrip()) - 1) // 2))
     modules = {}
     for number, (name, own, cumulative, depth) in enumerate(entries):
-        parent = next((e[0] for e in entries[number + 1:] if e[3] < depth), "") if depth else ""
+        parent = next((e[0] for e in entries[number + 1 :] if e[3] < depth), "") if depth else ""
         modules[name] = (own, cumulative, parent)
     return modules
 
@@ -459,39 +514,52 @@ def import_costs(bench, rounds):
     probe_dir = os.path.dirname(bench.probe)
     ladder = {
         "python -c pass": [bench.python, "-c", "pass"],
-        "python -c \"%s\"" % IMPORT_BASELINE: [bench.python, "-c", IMPORT_BASELINE],
-        "python -c \"import tracking\"": [bench.python, "-c", "import tracking"],
-        "python tracking.py --dry-run": [bench.python, bench.probe, "--dry-run"] + list(TEMPLATE),
+        'python -c "%s"' % IMPORT_BASELINE: [bench.python, "-c", IMPORT_BASELINE],
+        'python -c "import tracking"': [bench.python, "-c", "import tracking"],
+        "python tracking.py --dry-run": [bench.python, bench.probe, "--dry-run", *TEMPLATE],
     }
-    dry_env = dict(env, CI_JOB_ID="1", TRACKING_CONFIGURATION=json.dumps(bench.configuration(["http://127.0.0.1:9"], 5)))
+    dry_env = dict(
+        env, CI_JOB_ID="1", TRACKING_CONFIGURATION=json.dumps(bench.configuration(["http://127.0.0.1:9"], 5))
+    )
     times = {name: [] for name in ladder}
     codes = {"tracking": "import tracking", "baseline": IMPORT_BASELINE, "startup": "pass"}
     traces = {label: [] for label in codes}
-    for number in range(rounds + 1):
-        for name, argv in ladder.items():
-            result = bench.spawner.run(argv, dry_env, cwd=probe_dir)
-            if number and result["status"] == 0:
+    jobs = [("time", name, argv, dry_env) for name, argv in ladder.items()]
+    jobs += [
+        ("trace", label, [bench.python, "-X", "importtime", "-c", code], env) for label, code in codes.items()
+    ]
+    order = random.Random(rounds)  # noqa: S311 (an order, not a secret)
+    for number in range(rounds + 1):  # round 0 warms up (and writes tracking's .pyc)
+        order.shuffle(jobs)
+        for kind, name, argv, job_env in jobs:
+            result = bench.spawner.run(argv, job_env, cwd=probe_dir)
+            if number and kind == "time" and result["status"] == 0:
                 times[name].append(result["exited"] - result["started"])
-        for label, code in codes.items():
-            result = bench.spawner.run([bench.python, "-X", "importtime", "-c", code], env, cwd=probe_dir)
-            if number:
-                traces[label].append(parse_importtime(result["stderr"]))
-    with open(bench.probe, "rb") as f:
-        source = f.read()
-    compile_times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        compile(source, bench.probe, "exec")
-        compile_times.append(time.perf_counter() - started)
-    return times, traces, statistics.median(compile_times)
+            elif number and kind == "trace":
+                traces[name].append(parse_importtime(result["stderr"]))
+    timer = (  # in the children's interpreter: compile() time depends on the version
+        "import statistics, sys, time\nsource = open(sys.argv[1], 'rb').read()\ntimes = []\n"
+        "for _ in range(%d):\n    started = time.perf_counter()\n    compile(source, sys.argv[1], 'exec')\n"
+        "    times.append(time.perf_counter() - started)\nprint(statistics.median(times))\n" % rounds
+    )
+    compiled = bench.spawner.run([bench.python, "-c", timer, bench.probe], env)
+    compile_times = [float(compiled["stdout"])] if compiled["status"] == 0 else []
+    return times, traces, statistics.median(compile_times) if compile_times else None
 
 
 def summarise_imports(traces, top):
     """Median (cumulative, self, parent) per module that `import tracking` adds to a bare start-up."""
+
     def medians(runs):
         names = set().union(*runs) if runs else set()
-        return {n: (statistics.median(r[n][1] for r in runs if n in r), statistics.median(r[n][0] for r in runs if n in r),
-                    next(r[n][2] for r in runs if n in r)) for n in names}
+        return {
+            n: (
+                statistics.median(r[n][1] for r in runs if n in r),
+                statistics.median(r[n][0] for r in runs if n in r),
+                next(r[n][2] for r in runs if n in r),
+            )
+            for n in names
+        }
 
     startup = medians(traces["startup"])
     probe = {n: v for n, v in medians(traces["tracking"]).items() if n not in startup}
@@ -509,84 +577,124 @@ def summarise_imports(traces, top):
     }
 
 
-def image_benchmark(bench, rounds):
-    """Item 6: cold start to delivered inside the image, with and without precompiled .pyc files.
+NO_PYC = ["-B", "-X", "pycache_prefix=/nonexistent"]  # read no .pyc, write none (as tests/test_image.py)
+IMAGE_TAG = "localhost/tracking-probe:bench"
 
-    Runs only where podman and the image exist. The variant without .pyc points
-    PYTHONPYCACHEPREFIX at a directory that cannot exist (/proc/...), so every start compiles the
-    standard library from source, as a distroless image without .pyc files does.
+
+def image_benchmark(bench, rounds):
+    """Item 6: `podman run` to delivered inside the image, with and without its precompiled .pyc.
+
+    Uses the image set-up of the image tests (tests/imagebase.py): its podman configuration and
+    its local distroless-equivalent base, which must already be there (`python tests/imagebase.py`
+    builds it; that downloads packages, so the benchmark never does). The probe image is built from
+    the repository's Dockerfile without a baked configuration, which comes from the environment.
+    The variant without .pyc inserts -B -X pycache_prefix=/nonexistent after the interpreter of the
+    image's ENTRYPOINT, so every start compiles the probe and the standard library from source.
     """
-    image = bench.options.image
-    podman = shutil.which("podman")
-    if not podman:
-        return "skipped: podman is not installed"
+    if bench.options.no_image:
+        return "skipped: --no-image"
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        import imagebase
+    except ImportError as error:
+        return "skipped: tests/imagebase.py not importable (%s)" % error
+    reason = imagebase.missing_tools()
+    if reason:
+        return "skipped: " + reason
     if not bench.certificates:
         return "skipped: no test certificates (openssl missing or --no-tls)"
-    exists = subprocess.run([podman, "image", "exists", image], capture_output=True, timeout=60)
-    if exists.returncode != 0:
-        return "skipped: image %s not built (see the image issue)" % image
+    env = imagebase.podman_env()
+    base = imagebase.BASE_IMAGE
+    if subprocess.run(["podman", "image", "exists", base], env=env, capture_output=True).returncode != 0:
+        return "skipped: base image %s not built (`python tests/imagebase.py` builds it)" % base
+    with tempfile.TemporaryDirectory(prefix="tracking-bench-context-") as context:
+        shutil.copy(bench.probe, os.path.join(context, "tracking.py"))
+        build = ["buildah", *"bud --format docker --isolation chroot --pull=false".split()]
+        build += [
+            "--build-arg",
+            "BASE_IMAGE=" + base,
+            "-f",
+            os.path.join(ROOT, "Dockerfile"),
+            "-t",
+            IMAGE_TAG,
+        ]
+        built = subprocess.run([*build, context], env=env, capture_output=True, text=True, timeout=600)
+    if built.returncode != 0:
+        return "skipped: buildah bud failed: %s" % (built.stderr.strip().splitlines() or ["?"])[-1]
+    inspected = subprocess.run(
+        ["podman", "image", "inspect", IMAGE_TAG], env=env, capture_output=True, text=True
+    )
+    entrypoint = json.loads(inspected.stdout)[0]["Config"]["Entrypoint"]
     servers = bench.servers.start("https", 1)
     with open(bench.certificates["ca"]) as f:
         ca_pem = f.read()
-    cases = [Case("image, precompiled stdlib", "image", servers), Case("image, no .pyc", "image-nopyc", servers)]
-    order = random.Random(11)
+    cases = [Case("image, precompiled", "image", servers), Case("image, no .pyc", "image-nopyc", servers)]
+    order = random.Random(11)  # noqa: S311 (an order, not a secret)
     for number in range(rounds + 1):
         order.shuffle(cases)
         for case in cases:
             job_id = next(bench.job_ids)
             config = bench.configuration([servers[0].url], 10)
-            config["clients"][0]["caCertificate"] = ca_pem
-            env = dict(BASE_ENV, CI_JOB_ID=str(job_id), TRACKING_CONFIGURATION=json.dumps(config),
-                       TRACKING_TEMPLATE_NAME=TEMPLATE[0], TRACKING_TEMPLATE_VERSION=TEMPLATE[1])
+            config["clients"][0]["caCertificate"] = ca_pem  # inline PEM: nothing to mount
+            variables = dict(BASE_ENV, CI_JOB_ID=str(job_id), TRACKING_CONFIGURATION=json.dumps(config))
+            argv = ["podman", "run", "--rm", "--network=host"]
+            for item in variables.items():
+                argv += ["-e", "%s=%s" % item]
             if case.kind == "image-nopyc":
-                env["PYTHONPYCACHEPREFIX"] = "/proc/tracking-bench-no-pyc"
-            name = "tracking-bench-%d" % job_id
-            argv = [podman, "run", "--rm", "--name", name, "--network", "host"]
-            for key, value in env.items():
-                argv += ["-e", "%s=%s" % (key, value)]
+                argv += ["--entrypoint", json.dumps(entrypoint[:1] + NO_PYC + entrypoint[1:])]
+            argv += [IMAGE_TAG, *TEMPLATE]  # a command: one delivery, then exit
             started = time.monotonic()
-            process = subprocess.Popen(argv + [image], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            got = bench.servers.deliveries.wait_for(job_id, {servers[0].number}, timeout=30)
-            try:  # a --service image stays up after delivering: stop it
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                subprocess.run([podman, "rm", "-f", name], capture_output=True, timeout=60)
-                process.wait()
+            process = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
             exited = time.monotonic()
+            got = bench.servers.deliveries.wait_for(job_id, {servers[0].number}, timeout=1.0)
+            delivered = got[servers[0].number] - started if got else None
             if number:
-                delivered = got[servers[0].number] - started if got else None
-                case.runs.append({"ok": delivered is not None, "delivered": delivered, "exit": exited - started})
+                case.runs.append(
+                    {
+                        "ok": delivered is not None and process.returncode == 0,
+                        "delivered": delivered,
+                        "exit": exited - started,
+                        "stderr": process.stderr[-2000:],
+                    }
+                )
     return cases
 
 
 # ==== Report
 
 
-def machine():
+def machine(bench):
+    """CPU model, cores, kernel, Python, and the versions of curl and openssl that took part."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+            )
     except OSError:
         pass
-    return "%s, %d cores, %s %s, CPython %s" % (model, os.cpu_count() or 0, platform.system(), platform.release(),
-                                                 platform.python_version())
-
-
-def tool_versions(bench):
-    versions = []
-    if bench.curl:
-        versions.append(subprocess.run([bench.curl, "--version"], capture_output=True, text=True).stdout.split(" (")[0])
-    if shutil.which("openssl"):
-        versions.append(subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip().split(" (")[0])
-    return ", ".join(versions)
+    parts = [
+        model,
+        "%d cores" % (os.cpu_count() or 0),
+        "%s %s" % (platform.system(), platform.release()),
+        "CPython %s"
+        % subprocess.run(
+            [bench.python, "-c", "import platform; print(platform.python_version())"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip(),
+    ]
+    for tool, argv in (
+        (bench.curl, [bench.curl, "--version"]),
+        (shutil.which("openssl"), ["openssl", "version"]),
+    ):
+        if tool:
+            parts.append(subprocess.run(argv, capture_output=True, text=True).stdout.split(" (")[0].strip())
+    return ", ".join(parts)
 
 
 def ms(seconds):
-    return "—" if seconds is None else "%.1f ms" % (seconds * 1000)
+    return "\u2014" if seconds is None else "%.1f ms" % (seconds * 1000)
 
 
 def ratio(a, b):
@@ -594,7 +702,7 @@ def ratio(a, b):
 
 
 def fmt_ratio(value, unit="floor"):
-    return "—" if value is None else "%.2f × %s" % (value, unit)
+    return "\u2014" if value is None else "%.2f \u00d7 %s" % (value, unit)
 
 
 def verdict(ok):
@@ -604,8 +712,8 @@ def verdict(ok):
 def spread(case, key="delivered"):
     low, high = case.quartiles(key)
     if low is None:
-        return "—"
-    return "%.1f–%.1f" % (low * 1000, high * 1000)
+        return "\u2014"
+    return "%.1f\u2013%.1f" % (low * 1000, high * 1000)
 
 
 def failures(case):
@@ -618,31 +726,50 @@ def report(bench, cases, blackhole, imports, image, started):
     rows = []
     targets = {}
 
-    def row(item, figure, value, spread_text, ratio_text, target=""):
-        rows.append("| %s | %s | %s | %s | %s | %s |" % (item, figure, value, spread_text, ratio_text, target))
+    def row(item, figure, value, spread_text="", ratio_text="", target="", cpu=""):
+        rows.append(
+            "| %s | %s | %s | %s | %s | %s | %s |"
+            % (item, figure, value, spread_text, ratio_text, cpu, target)
+        )
+
+    def cpu(case, reference):  # user + system time of the child: less swayed by other load than wall time
+        value, base = case.median("cpu"), reference.median("cpu")
+        return "" if value is None or not base else "%.0f ms (%.2f \u00d7)" % (value * 1000, value / base)
 
     kinds = ["probe", "floor"] + (["curl"] if bench.curl else [])
     schemes = sorted({scheme for scheme, _, _ in cases}, key=["http", "https"].index)
     for scheme in schemes:
-        base = cases[(scheme, 1, "floor")].median("delivered")
-        for kind in kinds:
+        floor_case = cases[(scheme, 1, "floor")]
+        base = floor_case.median("delivered")
+        for kind in ["probe", "probe-pyc", *kinds[1:]]:
             case = cases[(scheme, 1, kind)]
             value = case.median("delivered")
             target = ""
             if kind == "probe":
                 met = value is not None and base is not None and value <= PROBE_TARGET * base
                 targets["1 %s" % scheme] = met
-                target = "≤ %.2f × floor: %s" % (PROBE_TARGET, verdict(met))
-            row("1", "%s, %s: delivered (exit)" % (scheme.upper(), kind),
-                "%s (%s)%s" % (ms(value), ms(case.median("exit")), failures(case)), spread(case),
-                fmt_ratio(ratio(value, base)), target)
+                target = "\u2264 %.2f \u00d7 floor: %s" % (PROBE_TARGET, verdict(met))
+            row(
+                "1",
+                "%s, %s: delivered (exit)" % (scheme.upper(), LABELS[kind]),
+                "%s (%s)%s" % (ms(value), ms(case.median("exit")), failures(case)),
+                spread(case),
+                fmt_ratio(ratio(value, base)),
+                target,
+                cpu(case, floor_case),
+            )
     if not bench.curl:
-        row("1", "curl", "skipped: curl is not installed", "", "", "")
+        row("1", "curl", "skipped: curl is not installed")
     if not bench.certificates:
-        row("1", "HTTPS", "skipped: %s" % ("--no-tls" if options.no_tls else "openssl is not installed"), "", "", "")
+        row(
+            "1",
+            "HTTPS",
+            "skipped: %s" % ("--no-tls" if options.no_tls else "openssl is not installed"),
+        )
     fan_scheme = schemes[-1]
     for kind in kinds:
-        one = cases[(fan_scheme, 1, kind)].median("delivered")
+        one_case = cases[(fan_scheme, 1, kind)]
+        one = one_case.median("delivered")
         for size in FANOUT[1:]:
             case = cases[(fan_scheme, size, kind)]
             value = case.median("delivered")
@@ -650,68 +777,143 @@ def report(bench, cases, blackhole, imports, image, started):
             if kind == "probe" and size == 5:
                 met = value is not None and one is not None and value <= FANOUT_TARGET * one
                 targets["2 fan-out"] = met
-                target = "≤ %.1f × 1 server: %s" % (FANOUT_TARGET, verdict(met))
-            row("2", "%s fan-out, %s: %d servers, last delivered" % (fan_scheme.upper(), kind, size),
-                ms(value) + failures(case), spread(case), fmt_ratio(ratio(value, one), "1 server"), target)
-    bh_case, timeout = blackhole
+                target = "\u2264 %.1f \u00d7 1 server: %s" % (FANOUT_TARGET, verdict(met))
+            row(
+                "2",
+                "%s fan-out, %s: %d servers, last delivered" % (fan_scheme.upper(), LABELS[kind], size),
+                ms(value) + failures(case),
+                spread(case),
+                fmt_ratio(ratio(value, one), "1 server"),
+                target,
+                cpu(case, one_case),
+            )
+    bh_case, alone, timeout = blackhole
     total = bh_case.median("exit")
-    single = cases[(fan_scheme, 1, "probe")].median("delivered")
+    single = alone.median("delivered")
     healthy = bh_case.median("delivered")
     met_total = total is not None and total <= timeout + BLACKHOLE_SLACK
-    met_healthy = healthy is not None and single is not None and healthy <= max(FANOUT_TARGET * single, single + 0.05)
+    met_healthy = (
+        healthy is not None and single is not None and healthy <= max(FANOUT_TARGET * single, single + 0.05)
+    )
     targets["3 blackhole"] = met_total and met_healthy
-    row("3", "blackhole + healthy %s, timeout T = %g s: process exit" % (fan_scheme.upper(), timeout),
-        ms(total) + failures(bh_case), spread(bh_case, "exit"), "T + %.2f s" % (total - timeout) if total else "—",
-        "≤ T + %.1f s: %s" % (BLACKHOLE_SLACK, verdict(met_total)))
-    row("3", "blackhole + healthy: healthy server delivered", ms(healthy), spread(bh_case),
-        fmt_ratio(ratio(healthy, single), "1 server"), "about single-server time: %s" % verdict(met_healthy))
+    row(
+        "3",
+        "blackhole + healthy %s, timeout T = %g s: process exit" % (fan_scheme.upper(), timeout),
+        ms(total) + failures(bh_case),
+        spread(bh_case, "exit"),
+        "T + %.2f s" % (total - timeout) if total else "\u2014",
+        "\u2264 T + %.1f s: %s" % (BLACKHOLE_SLACK, verdict(met_total)),
+    )
+    row(
+        "3",
+        "blackhole + healthy: healthy server delivered",
+        ms(healthy),
+        spread(bh_case),
+        fmt_ratio(ratio(healthy, single), "alone"),
+        "about single-server time: %s" % verdict(met_healthy),
+    )
     rss_base = cases[(fan_scheme, 1, "floor")].median("rss_mib")
     for kind in kinds:
         for size in (1, FANOUT[-1]):
             value = cases[(fan_scheme, size, kind)].median("rss_mib")
-            row("4", "peak RSS, %s %s, %d server%s" % (kind, fan_scheme.upper(), size, "s" if size > 1 else ""),
-                "—" if value is None else "%.1f MiB" % value, "", fmt_ratio(ratio(value, rss_base)), "")
+            row(
+                "4",
+                "peak RSS, %s, %s, %d server%s"
+                % (LABELS[kind], fan_scheme.upper(), size, "s" if size > 1 else ""),
+                "\u2014" if value is None else "%.1f MiB" % value,
+                "",
+                fmt_ratio(ratio(value, rss_base)),
+            )
     times, traces, compile_time = imports
     summary = summarise_imports(traces, options.top)
-    ladder_base = statistics.median(times["python -c \"%s\"" % IMPORT_BASELINE] or [0]) or None
+    ladder_base = statistics.median(times['python -c "%s"' % IMPORT_BASELINE] or [0]) or None
     for name, values in times.items():
         value = statistics.median(values) if values else None
-        row("5", "start-up: `%s` (exit)" % name, ms(value) if values else "failed", "",
-            fmt_ratio(ratio(value, ladder_base), "baseline imports"), "")
-    row("5", "`-X importtime`: `import tracking`, beyond a bare start-up", ms(summary["tracking_cumulative_us"] / 1e6), "",
-        fmt_ratio(ratio(summary["tracking_cumulative_us"], summary["baseline_cumulative_us"]), "baseline imports"), "")
-    row("5", "`-X importtime`: `%s`, beyond a bare start-up" % IMPORT_BASELINE, ms(summary["baseline_cumulative_us"] / 1e6), "", "", "")
-    row("5", "compiling tracking.py (every `python tracking.py` pays it: no .pyc for a script)", ms(compile_time), "", "", "")
+        row(
+            "5",
+            "start-up: `%s` (exit)" % name,
+            ms(value) if values else "failed",
+            "",
+            fmt_ratio(ratio(value, ladder_base), "baseline imports"),
+        )
+    row(
+        "5",
+        "`-X importtime`: `import tracking`, beyond a bare start-up",
+        ms(summary["tracking_cumulative_us"] / 1e6),
+        "",
+        fmt_ratio(
+            ratio(summary["tracking_cumulative_us"], summary["baseline_cumulative_us"]), "baseline imports"
+        ),
+        "",
+    )
+    row(
+        "5",
+        "`-X importtime`: `%s`, beyond a bare start-up" % IMPORT_BASELINE,
+        ms(summary["baseline_cumulative_us"] / 1e6),
+    )
+    row(
+        "5",
+        "compiling tracking.py (every `python tracking.py` pays it: no .pyc for a script)",
+        ms(compile_time),
+    )
     if isinstance(image, str):
-        row("6", "image: cold start to delivered", image, "", "", "")
+        row("6", "image: cold start to delivered", image)
     else:
-        base = image[0].median("delivered") if image[0].kind == "image" else image[1].median("delivered")
+        base = next(c for c in image if c.kind == "image").median("delivered")
         for case in sorted(image, key=lambda c: c.kind):
             value = case.median("delivered")
-            row("6", "%s: `podman run` to delivered (exit)" % case.name,
-                "%s (%s)%s" % (ms(value), ms(case.median("exit")), failures(case)), spread(case),
-                fmt_ratio(ratio(value, base), "precompiled"), "")
+            row(
+                "6",
+                "%s: `podman run` to delivered (exit)" % case.name,
+                "%s (%s)%s" % (ms(value), ms(case.median("exit")), failures(case)),
+                spread(case),
+                fmt_ratio(ratio(value, base), "precompiled"),
+            )
 
     lines = [
-        "Machine: %s; %s. Date: %s. Interpreter: `%s`." % (
-            machine(), tool_versions(bench), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), bench.interpreter_note),
-        "Medians of %d interleaved rounds (%d for the blackhole, %d for imports); spread is the 25th–75th percentile "
-        "in ms. Benchmark took %.0f s." % (options.runs, options.blackhole_runs, options.import_runs,
-                                          time.monotonic() - started),
+        "Machine: %s. Date: %s. Interpreter: `%s`. Load average at the start/end: %.1f/%.1f."
+        % (
+            machine(bench),
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            bench.interpreter_note,
+            bench.load_at_start,
+            os.getloadavg()[0],
+        ),
+        "Medians of %d interleaved rounds (%d for the blackhole, %d for imports); "
+        "spread is the 25th\u201375th percentile in ms. Benchmark took %.0f s."
+        % (options.runs, options.blackhole_runs, options.import_runs, time.monotonic() - started),
         "",
-        "| # | figure | median | spread (ms) | ratio | target |",
-        "|---|---|---|---|---|---|",
-    ] + rows
-    lines += ["", "Import cost (`python -X importtime -c \"import tracking\"`, median of %d): the modules it adds to a bare "
-              "start-up, by cumulative time; *new* = not imported by `%s` either." % (options.import_runs, IMPORT_BASELINE), "",
-              "| module | imported by | cumulative | self | new |", "|---|---|---|---|---|"]
+        "| # | figure | median | spread (ms) | ratio | CPU time (ratio) | target |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    lines += [
+        "",
+        'Import cost (`python -X importtime -c "import tracking"`, median of %d): the modules it adds '
+        "to a bare start-up, by cumulative time; *new* = not imported by `%s` either."
+        % (options.import_runs, IMPORT_BASELINE),
+        "",
+        "| module | imported by | cumulative | self | new |",
+        "|---|---|---|---|---|",
+    ]
     extra_names = {n for n, _ in summary["extra"]}
     for name, (cumulative, own, parent) in summary["top"]:
-        lines.append("| %s | %s | %.1f ms | %.1f ms | %s |" % (name, parent or "(the statement)", cumulative / 1000,
-                                                              own / 1000, "*new*" if name in extra_names else ""))
+        lines.append(
+            "| %s | %s | %.1f ms | %.1f ms | %s |"
+            % (
+                name,
+                parent or "(the statement)",
+                cumulative / 1000,
+                own / 1000,
+                "*new*" if name in extra_names else "",
+            )
+        )
     others = [(n, v) for n, v in summary["extra"] if n not in dict(summary["top"])]
     if others:
-        lines.append("| other new modules: %s | | | | |" % ", ".join("%s (%.1f ms)" % (n, v[0] / 1000) for n, v in others[:12]))
+        lines.append(
+            "| other new modules: %s | | | | |"
+            % ", ".join("%s (%.1f ms)" % (n, v[0] / 1000) for n, v in others[:12])
+        )
     return "\n".join(lines) + "\n", targets
 
 
@@ -719,26 +921,41 @@ def report(bench, cases, blackhole, imports, image, started):
 
 
 def interpreter(options, workdir):
-    """A venv without site .pth files (they import dozens of modules at every start), unless --python."""
-    if options.python:
-        return options.python, options.python
+    """A fresh venv of --python (default: this interpreter): no site .pth files, which would import
+    dozens of modules at every start; the interpreter itself where a venv cannot be made."""
+    python = options.python or sys.executable
     venv = os.path.join(workdir, "venv")
-    made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], capture_output=True)
-    python = os.path.join(venv, "bin", "python")
-    if made.returncode != 0 or not os.path.exists(python):
-        return sys.executable, "%s (venv failed)" % sys.executable
-    return python, "%s in a fresh venv" % sys.executable
+    made = subprocess.run([python, "-m", "venv", "--without-pip", venv], capture_output=True)
+    if made.returncode != 0 or not os.path.exists(os.path.join(venv, "bin", "python")):
+        return python, "%s (no venv: %s)" % (python, made.stderr.decode(errors="replace").strip()[-200:])
+    return os.path.join(venv, "bin", "python"), "%s in a fresh venv" % python
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     opt = parser.add_argument
-    opt("--runs", type=int, default=15, help="interleaved rounds per figure (default: %(default)s)")
+    opt("--runs", type=int, default=21, help="interleaved rounds per figure (default: %(default)s)")
     opt("--quick", action="store_true", help="3 rounds, for a smoke test")
-    opt("--blackhole-timeout", type=float, default=1.0, help="client timeout T in seconds (default: %(default)s)")
-    opt("--probe", default=os.path.join(ROOT, "tracking.py"), help="the probe to measure (default: %(default)s)")
-    opt("--python", help="interpreter for the children (default: a fresh venv of this one, without .pth files)")
-    opt("--image", default="localhost/tracking:bench", help="image for item 6 (default: %(default)s)")
+    opt(
+        "--blackhole-timeout",
+        type=float,
+        default=1.0,
+        help="client timeout T in seconds (default: %(default)s)",
+    )
+    opt(
+        "--probe",
+        default=os.path.join(ROOT, "tracking.py"),
+        help="the probe to measure (default: %(default)s)",
+    )
+    opt(
+        "--python",
+        help="interpreter whose fresh venv runs the children (default: this one)",
+    )
+    opt(
+        "--no-image",
+        action="store_true",
+        help="skip item 6 (default: run it where podman and the base image are)",
+    )
     opt("--no-tls", action="store_true", help="skip HTTPS (default: HTTPS when openssl is installed)")
     opt("--top", type=int, default=15, help="rows of the import table (default: %(default)s)")
     opt("--output", help="also write the markdown to this file")
@@ -749,7 +966,7 @@ def main(argv=None):
     if options.runs < 1:
         parser.error("--runs must be at least 1")
     options.blackhole_runs = max(1, min(options.runs, 5))
-    options.import_runs = max(1, min(options.runs, 7))
+    options.import_runs = max(1, min(options.runs, 11))
     options.probe = os.path.abspath(options.probe)
     if not os.path.exists(options.probe):
         parser.error("no probe at %s" % options.probe)
@@ -765,14 +982,16 @@ def main(argv=None):
             log("delivery: %d variants x %d rounds" % (len(cases), options.runs))
             bench.rounds(list(cases.values()), options.runs)
             scheme = "https" if bench.certificates else "http"
-            bh_case, blackhole = blackhole_case(bench, scheme, options.blackhole_timeout)
+            bh_case, alone, blackhole = blackhole_cases(bench, scheme, options.blackhole_timeout)
             log("blackhole: %d rounds of T = %g s" % (options.blackhole_runs, options.blackhole_timeout))
-            bench.rounds([bh_case], options.blackhole_runs, warmup=0)
+            bench.rounds([bh_case, alone], options.blackhole_runs, warmup=0)
             log("imports: %d rounds" % options.import_runs)
             imports = import_costs(bench, options.import_runs)
             log("image")
             image = image_benchmark(bench, min(options.runs, 7))
-            table, targets = report(bench, cases, (bh_case, options.blackhole_timeout), imports, image, started)
+            table, targets = report(
+                bench, cases, (bh_case, alone, options.blackhole_timeout), imports, image, started
+            )
         finally:
             if blackhole:
                 blackhole.close()
@@ -781,20 +1000,17 @@ def main(argv=None):
     if options.output:
         with open(options.output, "w") as f:
             f.write(table)
-    if options.json:
-        raw = {"cases": {c.name: c.runs for c in list(cases.values()) + [bh_case]}, "targets": targets}
-        for runs in raw["cases"].values():
-            for run in runs:
-                run.pop("stderr", None)
-        with open(options.json, "w") as f:
-            json.dump(raw, f, indent=1)
-    every = list(cases.values()) + [bh_case]
+    every = [*cases.values(), bh_case, alone, *([] if isinstance(image, str) else image)]
     broken = [c for c in every if not c.ok_runs()]
     for case in broken:
-        log("%s never delivered; last stderr: %s" % (case.name, case.runs[-1]["stderr"] if case.runs else "-"))
-    if broken:
-        return 1
-    return 0
+        log(
+            "%s never delivered; last stderr: %s" % (case.name, case.runs[-1]["stderr"] if case.runs else "-")
+        )
+    if options.json:
+        raw = {c.name: [{k: v for k, v in r.items() if k != "stderr"} for r in c.runs] for c in every}
+        with open(options.json, "w") as f:
+            json.dump({"cases": raw, "targets": targets}, f, indent=1)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

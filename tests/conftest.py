@@ -154,7 +154,7 @@ class StandIn:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         scheme = "https" if tls is not None else "http"
         self.url = "%s://127.0.0.1:%d" % (scheme, self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def respond_with(self, *answers: int | tuple) -> None:

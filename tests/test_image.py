@@ -255,7 +255,7 @@ def test_service_with_command_delivers_answers_port_and_exits_0_on_sigterm(
         assert port_answers(SERVICE_PORT), "the exposed port does not answer"
         document = request.json()
         assert document["template"] == {"name": "maven", "version": "4.1.0"}  # type: ignore[index]
-        assert document["ci"]["job"]["id"] == 8273645  # type: ignore[index]
+        assert document["ci"]["job"]["id"] == int(JOB_ENV["CI_JOB_ID"])  # type: ignore[index]
         assert request.path.startswith("/ci-job-")
         service.wait_for_log("delivered status=201")
         assert service.terminate() == 0
@@ -312,7 +312,7 @@ def test_service_delivers_to_a_real_opensearch(image: str) -> None:
             status, body = server.request("GET", "/%s/_doc/%s" % (planned["index"], planned["documentId"]))
             assert status == 200, body
             assert body["_source"]["template"] == {"name": "gradle", "version": "8.0.0"}
-            assert body["_source"]["ci"]["job"]["id"] == 8273645
+            assert body["_source"]["ci"]["job"]["id"] == int(JOB_ENV["CI_JOB_ID"])
             assert service.terminate() == 0
         finally:
             service.remove()

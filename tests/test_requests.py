@@ -63,7 +63,8 @@ def test_create_path_per_server_version(version, path):
 
 @pytest.mark.parametrize(("authentication", "expected"), [
     ({"username": "tracking", "password": "pw"}, "Basic " + base64.b64encode(b"tracking:pw").decode()),
-    ({"username": "tr@ck", "password": "pä:ss"}, "Basic " + base64.b64encode("tr@ck:pä:ss".encode()).decode()),
+    ({"username": "tr@ck", "password": "pä:ss"},
+     "Basic " + base64.b64encode("tr@ck:pä:ss".encode()).decode()),
     ({"apiKey": "VnVhQ2ZH=="}, "ApiKey VnVhQ2ZH=="),
     ({"bearerToken": "eyJhbGci"}, "Bearer eyJhbGci"),
 ])
