@@ -1,17 +1,36 @@
 """Tracking probe: index one document per GitLab CI job into Elasticsearch/OpenSearch.
 
-Usage:
-    python tracking.py [--service] [TEMPLATE_NAME TEMPLATE_VERSION] [options]
+Usage: python tracking.py [--service] [TEMPLATE_NAME TEMPLATE_VERSION] [options]
 
 Reads GitLab's predefined CI variables, builds one small "ci-job" JSON document
 (template name and version, user, project, ref, job, pipeline, runner) and
 indexes it, with create semantics and a deterministic id, into every cluster of
 the configuration, concurrently, each within its own time budget.
 
+Arguments:
+  TEMPLATE_NAME TEMPLATE_VERSION  the template and its version
+                        (default: $TRACKING_TEMPLATE_NAME and $TRACKING_TEMPLATE_VERSION)
+Options:
+  --service             service-container mode: listen on a TCP port for the runner's
+                        health check, deliver, stay alive until SIGTERM or SIGINT
+                        (port: $HEALTHCHECK_TCP_PORT, else $TRACKING_SERVICE_PORT, else 18733)
+  --config PATH         configuration file (default: $TRACKING_CONFIGURATION, inline JSON
+                        or a path, else config.json beside tracking.py)
+  --dry-run             print the document and each request; open no connection
+  --check               contact each server without indexing: reachability, TLS,
+                        authentication, flavour and version, write privilege
+  --strict              exit 1 when any server failed (default: exit 0)
+  -q, --quiet           log failures and errors only
+  -v, --verbose         also log each attempt
+  --version             print the version
+  -h, --help            print this help
+Environment:
+  TRACKING_DISABLED=1|true|yes  send nothing (service mode still listens)
+
 Exit codes:
-    0  delivered, or delivery failed without --strict (tracking is fail-open)
-    1  delivery failed with --strict, or --check found a problem
-    2  usage or configuration error
+  0  delivered, or delivery failed without --strict (tracking is fail-open)
+  1  delivery failed with --strict, or --check found a problem
+  2  usage or configuration error
 
 Standard library only, CPython 3.8+: copy this one file anywhere and run it.
 """
@@ -62,6 +81,8 @@ ERROR_BODY_LIMIT = 65536
 
 USER_AGENT = "tracking-probe/%s (python/%d.%d)" % ((__version__, *sys.version_info[:2]))
 MASK = "***"
+USAGE = "usage: python tracking.py [--service] [TEMPLATE_NAME TEMPLATE_VERSION] [options]"
+HELP = (__doc__ or USAGE).strip()  # the module docstring is the --help text
 
 CLIENT_KEYS = (
     "url", "urls", "authentication", "timeout", "indexPrefix", "index", "esMajorVersion",
@@ -964,34 +985,52 @@ def idle_forever() -> None:
 # ============================================================================ Command line
 
 
-def parse_arguments(argv: list[str]) -> Any:
-    import argparse
+class Arguments:
+    """The parsed command line."""
 
-    parser = argparse.ArgumentParser(
-        prog="tracking.py", description="Index one document describing this GitLab CI job into "
-        "Elasticsearch/OpenSearch.", epilog="Exit codes: 0 success (or failure without --strict), "
-        "1 --strict failure or --check problem, 2 usage or configuration error.")
-    opt = parser.add_argument
-    opt("template", nargs="*", metavar="TEMPLATE_NAME TEMPLATE_VERSION",
-        help="the template and its version (default: $%s and $%s)"
-        % (TEMPLATE_NAME_VARIABLE, TEMPLATE_VERSION_VARIABLE))
-    opt("--service", action="store_true", help="service-container mode: listen on a port for the "
-        "health check, deliver, stay alive until SIGTERM (port: $HEALTHCHECK_TCP_PORT, else "
-        "$TRACKING_SERVICE_PORT, else %d)" % DEFAULT_SERVICE_PORT)
-    opt("--config", metavar="PATH", help="configuration file (default: $%s, inline JSON or a "
-        "path, else config.json beside tracking.py)" % CONFIGURATION_VARIABLE)
-    opt("--dry-run", action="store_true", help="print the document and the requests; send nothing")
-    opt("--check", action="store_true", help="contact each server without indexing: "
-        "reachability, TLS, authentication, version, write privilege")
-    opt("--strict", action="store_true", help="exit 1 when any server failed (default: exit 0)")
-    opt("-q", "--quiet", action="store_true", help="log failures and errors only")
-    opt("-v", "--verbose", action="store_true", help="also log each attempt")
-    opt("--version", action="version", version="%(prog)s " + __version__)
-    arguments = parser.parse_args(argv)
+    __slots__ = ("template", "service", "config", "dry_run", "check", "strict", "quiet", "verbose")
+
+    def __init__(self) -> None:
+        self.template: list[str] = []
+        self.config: str | None = None
+        self.service = self.dry_run = self.check = self.strict = self.quiet = self.verbose = False
+
+
+class UsageError(Exception):
+    """A command line that does not parse (exit code 2)."""
+
+
+FLAGS = {"--service": "service", "--dry-run": "dry_run", "--check": "check", "--strict": "strict",
+         "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
+
+
+def parse_arguments(argv: list[str]) -> Arguments | str:
+    """The parsed command line, or the text that --help or --version asks for.
+
+    Hand-written rather than argparse: nine options do not need its start-up cost."""
+    arguments = Arguments()
+    items = iter(argv)
+    for item in items:
+        if item in ("-h", "--help"):
+            return HELP
+        if item == "--version":
+            return "tracking.py " + __version__
+        if item in FLAGS:
+            setattr(arguments, FLAGS[item], True)
+        elif item == "--config" or item.startswith("--config="):
+            arguments.config = item[9:] if "=" in item else next(items, None)
+            if not arguments.config:
+                raise UsageError("--config needs a PATH")
+        elif item == "--":
+            arguments.template.extend(items)
+        elif item.startswith("-") and len(item) > 1:
+            raise UsageError("unknown option %s" % item)
+        else:
+            arguments.template.append(item)
     if len(arguments.template) not in (0, 2):
-        parser.error("expected TEMPLATE_NAME TEMPLATE_VERSION, or neither")
+        raise UsageError("expected TEMPLATE_NAME TEMPLATE_VERSION, or neither")
     if arguments.check and (arguments.dry_run or arguments.service):
-        parser.error("--check goes alone (not with --dry-run or --service)")
+        raise UsageError("--check goes alone (not with --dry-run or --service)")
     return arguments
 
 
@@ -1016,7 +1055,7 @@ def read_configuration(option: str | None, environ: Environ) -> tuple[str | None
         raise ConfigError(source, "cannot read %s: %s" % (path, error.strerror)) from None
 
 
-def template_arguments(arguments: Any, environ: Environ) -> tuple[str, str]:
+def template_arguments(arguments: Arguments, environ: Environ) -> tuple[str, str]:
     if arguments.template:
         return arguments.template[0], arguments.template[1]
     name = environ.get(TEMPLATE_NAME_VARIABLE, "")
@@ -1045,7 +1084,14 @@ def dry_run_report(clients: list[Client], document: dict[str, Json], identifier:
 
 def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
     environ = os.environ if environ is None else environ
-    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    try:
+        arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    except UsageError as error:
+        log("usage error: %s\n%s\n(see: python tracking.py --help)" % (error, USAGE))
+        return 2
+    if isinstance(arguments, str):  # --help or --version
+        print(arguments)
+        return 0
     quiet, verbose = arguments.quiet, arguments.verbose
 
     def info(message: str) -> None:
@@ -1077,7 +1123,7 @@ def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
             listener.close()
 
 
-def run(arguments: Any, environ: Environ, info: Callable[[str], None],
+def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
         debug: Callable[[str], None]) -> int:
     """One run of the probe; returns the exit code."""
     if environ.get(DISABLED_VARIABLE, "").strip().lower() in TRUE_VALUES and not arguments.check:
