@@ -1079,6 +1079,8 @@ def dry_run_report(clients: list[Client], document: dict[str, Json], identifier:
             "headers": masked_headers(request_headers(client)),
             "timeout": client.timeout, "failover": client.urls[1:],
         })
+        if client.proxy is not None:
+            requests[-1]["proxy"] = redact(client.proxy, client.secrets) or "none (direct)"
     return {"document": document, "requests": requests}
 
 
@@ -1106,7 +1108,10 @@ def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
     try:
         if arguments.service:
             stop_on_signals()  # before listening: once the port answers, a SIGTERM may follow
-            listener = listen(service_port(environ))  # the runner's health check is waiting
+            port = service_port(environ)
+            listener = listen(port)  # the runner's health check is waiting
+            if listener is not None:
+                debug("service mode: listening on port %d" % port)
         code = run(arguments, environ, info, debug)
         if arguments.service:
             idle_forever()
