@@ -631,15 +631,16 @@ def prepare_tls(clients: list[Client]) -> dict[TlsSettings, ssl.SSLContext]:
 class Response:
     """What one HTTP exchange gave: a status (or None) and a short reason for the log."""
 
-    __slots__ = ("status", "error", "retry_after", "body", "retryable")
+    __slots__ = ("status", "error", "retry_after", "body", "retryable", "product")
 
     def __init__(self, status: int | None, error: str = "", retry_after: float | None = None,
-                 body: Json = None, retryable: bool = False) -> None:
+                 body: Json = None, retryable: bool = False, product: str = "") -> None:
         self.status = status
         self.error = error
         self.retry_after = retry_after
         self.body = body
         self.retryable = retryable or status in RETRY_STATUSES
+        self.product = product  # X-Elastic-Product: Elasticsearch 7.14+ names itself
 
 
 def open_url(opener: urllib.request.OpenerDirector, method: str, url: str,
@@ -650,10 +651,12 @@ def open_url(opener: urllib.request.OpenerDirector, method: str, url: str,
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
         with opener.open(request, timeout=timeout) as answer:
-            return Response(answer.status, body=read_json(answer))
+            return Response(answer.status, body=read_json(answer),
+                            product=answer.headers.get("X-Elastic-Product", ""))
     except urllib.error.HTTPError as error:  # before URLError: it is one
         body = read_json(error)
-        return Response(error.code, error_summary(body), retry_after(error.headers), body)
+        return Response(error.code, error_summary(body), retry_after(error.headers), body,
+                        product=error.headers.get("X-Elastic-Product", "") if error.headers else "")
     except (urllib.error.URLError, OSError, ValueError, EOFError) as error:
         return transport_failure(error)
     except Exception as error:  # http.client.HTTPException and kin: the peer spoke nonsense
@@ -851,37 +854,42 @@ def check_client(client: Client, opener: urllib.request.OpenerDirector, index: s
     """Reachability, TLS, authentication, flavour and version, write privilege: nothing written."""
     headers = request_headers(client)
     root = Response(None, "no URL")
-    for url in client.urls:
-        root = open_url(opener, "GET", url + "/", headers, None, client.timeout)
+    for base in client.urls:
+        root = open_url(opener, "GET", base + "/", headers, None, client.timeout)
         if root.status is not None:
             break
     if root.status is None:
         return False, root.error
     if root.status == 401:
         return False, "authentication failed (401 %s)" % root.error
-    base = url
-    flavour, version = server_identity(root.body)
+    flavour, version = server_identity(root)
     identity = "%s %s" % (flavour, version)
-    if root.status not in (200, 403):  # 403: fine, a least-privilege user may not read "/"
-        return False, "%s: unexpected answer %d %s" % (identity, root.status, root.error)
+    # A least-privilege user may not read "/" (403); some builds have no "/" at all (405).
+    if root.status != 200 and not (400 <= root.status < 500 and (root.product or root.error)):
+        return False, "%s  unexpected answer to GET /: %d %s" % (identity, root.status, root.error)
 
     if flavour == "opensearch":
         info = open_url(opener, "GET", base + "/_plugins/_security/authinfo", headers, None,
                         client.timeout)
         if info.status == 200:
             return True, "%s  %s: authenticated; write privilege not checked (OpenSearch has no " \
-                         "read-only privilege check)" % (identity, index)
+                         "privilege check that writes nothing)" % (identity, index)
         if info.status == 401:
             return False, "%s  authentication failed (401 %s)" % (identity, info.error)
         return True, "%s  %s: can write (security not enabled)" % (identity, index)
 
-    query = json.dumps({"index": [{"names": [index], "privileges": ["create_doc"]}]}).encode()
+    wanted = ["create_doc", "indices:admin/auto_create"]
+    query = json.dumps({"index": [{"names": [index], "privileges": wanted}]}).encode()
     answer = open_url(opener, "POST", base + "/_security/user/_has_privileges", headers, query,
                       client.timeout)
     if answer.status == 200 and isinstance(answer.body, dict):
-        if answer.body.get("has_all_requested"):
-            return True, "%s  %s: can write" % (identity, index)
-        return False, "%s  %s: cannot write (missing create_doc privilege)" % (identity, index)
+        granted = answer.body.get("index", {}).get(index, {})
+        if not granted.get("create_doc"):
+            return False, "%s  %s: cannot write (missing create_doc privilege)" % (identity, index)
+        if not granted.get("indices:admin/auto_create"):
+            return True, "%s  %s: can write (to an existing index only: no privilege to create it, " \
+                         "such as auto_configure)" % (identity, index)
+        return True, "%s  %s: can write" % (identity, index)
     if answer.status == 401:
         return False, "%s  authentication failed (401 %s)" % (identity, answer.error)
     if answer.status is None:
@@ -889,11 +897,11 @@ def check_client(client: Client, opener: urllib.request.OpenerDirector, index: s
     return True, "%s  %s: can write (security not enabled)" % (identity, index)
 
 
-def server_identity(body: Json) -> tuple[str, str]:
+def server_identity(root: Response) -> tuple[str, str]:
     """("elasticsearch" or "opensearch", version) from the answer to GET /."""
-    version = body.get("version") if isinstance(body, dict) else None
+    version = root.body.get("version") if isinstance(root.body, dict) else None
     if not isinstance(version, dict):
-        return "elasticsearch?", "version unknown"
+        return ("elasticsearch" if root.product else "unknown flavour"), "version unknown"
     flavour = "opensearch" if version.get("distribution") == "opensearch" else "elasticsearch"
     return flavour, str(version.get("number", "version unknown"))
 

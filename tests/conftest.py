@@ -115,9 +115,10 @@ class StandIn:
         self.requests: list[Recorded] = []
         self.documents: dict[str, dict] = {}
         self.script: list[tuple[int, dict, dict]] = []
-        self.root = {"name": "standin", "version": {"number": "8.15.0", "build_flavor": "default"},
+        self.root: dict | None = {"name": "standin", "version": {"number": "8.15.0", "build_flavor": "default"},
                      "tagline": "You Know, for Search"}
-        self.privileges: tuple[int, dict] = (200, {"has_all_requested": True})
+        self.granted = {"create_doc": True, "indices:admin/auto_create": True}
+        self.privileges: tuple[int, dict] | None = None  # an answer to _has_privileges instead
         self.gate: threading.Event | None = None  # when set, PUT answers wait for it
         self.arrived = threading.Condition()
         standin = self
@@ -166,10 +167,10 @@ class StandIn:
             self.script.append((status, body, headers))
 
     def answer(self, request: Recorded) -> tuple[int, dict, dict]:
-        if request.method == "GET" and request.path == "/":
+        if request.method == "GET" and request.path == "/" and self.root is not None:
             return 200, self.root, {"X-elastic-product": "Elasticsearch"}
         if "_has_privileges" in request.path:
-            return (*self.privileges, {})
+            return (*self.privileges, {}) if self.privileges else self.privileges_answer(request)
         if self.script:
             return self.script.pop(0)
         if request.method == "PUT":
@@ -178,6 +179,15 @@ class StandIn:
             self.documents[request.path] = request.json()
             return 201, {"result": "created", "_id": request.path.split("/")[-1]}, {}
         return 404, error_body(404), {}
+
+    def privileges_answer(self, request: Recorded) -> tuple[int, dict, dict]:
+        """What Elasticsearch answers to _has_privileges, from self.granted."""
+        [asked] = request.json()["index"]
+        index = {name: {p: self.granted.get(p, False) for p in asked["privileges"]}
+                 for name in asked["names"]}
+        every = all(all(v.values()) for v in index.values())
+        return 200, {"username": "tracking", "has_all_requested": every, "cluster": {},
+                     "index": index, "application": {}}, {}
 
     def puts(self) -> list[Recorded]:
         return [r for r in self.requests if r.method == "PUT"]

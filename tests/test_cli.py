@@ -127,14 +127,39 @@ def test_check_reports_flavour_version_and_write_privilege(standin, tmp_path):
     assert "elasticsearch 8.15.0" in line and "can write" in line and "tbc-ci-job-" in line
     assert standin.puts() == []  # nothing indexed
     [query] = [r for r in standin.requests if "_has_privileges" in r.path]
-    assert query.json()["index"][0]["privileges"] == ["create_doc"]
+    assert query.json()["index"][0]["privileges"] == ["create_doc", "indices:admin/auto_create"]
 
 
 def test_check_reports_missing_write_privilege(standin, tmp_path):
-    standin.privileges = (200, {"has_all_requested": False})
+    standin.granted = {"create_doc": False, "indices:admin/auto_create": True}
     result = check(tmp_path, {"url": standin.url, "authentication": basic_auth()})
     assert result.returncode == 1
     assert result.stdout.startswith("FAIL") and "cannot write" in result.stdout
+
+
+def test_check_says_when_the_index_cannot_be_created(standin, tmp_path):
+    standin.granted = {"create_doc": True}
+    result = check(tmp_path, {"url": standin.url, "authentication": basic_auth()})
+    assert result.returncode == 0
+    assert "can write (to an existing index only" in result.stdout
+
+
+@pytest.mark.parametrize("status", [403, 405])
+def test_check_goes_on_when_the_root_is_forbidden_or_absent(standin, tmp_path, status):
+    standin.respond_with((status, {"error": {"type": "security_exception", "reason": "no"}},
+                          {"X-Elastic-Product": "Elasticsearch"}))
+    standin.root = None
+    result = check(tmp_path, {"url": standin.url, "authentication": basic_auth()})
+    assert result.returncode == 0, result.stdout
+    assert "elasticsearch version unknown" in result.stdout and "can write" in result.stdout
+
+
+def test_check_fails_on_something_that_is_not_a_search_server(standin, tmp_path):
+    standin.root = None
+    standin.respond_with((404, {}, {}))
+    result = check(tmp_path, {"url": standin.url})
+    assert result.returncode == 1
+    assert "unexpected answer to GET /: 404" in result.stdout
 
 
 def test_check_reports_opensearch(standin, tmp_path):
