@@ -88,16 +88,32 @@ CLIENT_KEYS = (
     "url", "urls", "authentication", "timeout", "indexPrefix", "index", "esMajorVersion",
     "caCertificate", "clientCertificate", "clientKey", "skipSslVerification", "proxy",
 )
-AUTHENTICATION_KINDS = (("username", "password"), ("apiKey",), ("bearerToken",))
+AUTHENTICATION_KEYS = ("username", "password", "apiKey", "bearerToken")
 SECRET_KEYS = ("password", "apiKey", "bearerToken")  # masked in every output
 
 
-def log(message: str) -> None:
-    """Print one line to stderr; never raise (a service container may have no stderr)."""
+def write(stream: Any, text: str) -> None:
+    """Write one line as UTF-8, whatever the locale says; never raise (a service container
+    may have no stderr, and output must never break the host job)."""
     try:
-        print("tracking: " + message, file=sys.stderr, flush=True)
-    except Exception:  # noqa: BLE001, S110 - output must never break the host job
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write((text + "\n").encode("utf-8", "replace"))
+        else:
+            stream.write(text + "\n")
+        stream.flush()
+    except Exception:  # noqa: BLE001, S110
         pass
+
+
+def log(message: str) -> None:
+    """One log line on stderr."""
+    write(sys.stderr, "tracking: " + message)
+
+
+def show(text: str) -> None:
+    """Output on stdout (--dry-run, --check, --help)."""
+    write(sys.stdout, text)
 
 
 # ============================================================================ Configuration
@@ -146,14 +162,15 @@ class Client:
                 self.skip_ssl_verification)
 
 
-def describe(value: Json) -> str:
-    """A JSON value as an error message shows it."""
+def describe(value: Json, reveal: bool = True) -> str:
+    """A JSON value as an error message shows it: a string only when reveal (it might be a
+    secret otherwise), and never the credentials of a URL."""
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
     if isinstance(value, (int, float)):
         return "a number"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return redact(json.dumps(value, ensure_ascii=False), ()) if reveal else "a string"
     return "an array" if isinstance(value, list) else "an object"
 
 
@@ -201,6 +218,8 @@ def substitute(value: Json, environ: Environ, path: str) -> Json:
 def parse_json(text: str, source: str) -> Json:
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ConfigError(source, "invalid JSON: nested too deeply") from None
     except ValueError as error:
         # The message holds a position, never the text itself (it may hold a password).
         message = getattr(error, "msg", "invalid JSON")
@@ -259,7 +278,7 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
     authorization = None
     if "authentication" in entry:
         authentication = entry["authentication"]
-        authorization = authorization_header(authentication, path + ".authentication")
+        authorization = authorization_header(authentication, path + ".authentication", warn)
         secrets.extend(authentication.get(key, "") for key in SECRET_KEYS)
     elif url_credentials:
         authorization = basic_authorization(*url_credentials)
@@ -293,8 +312,9 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
 
     proxy = optional(entry, "proxy", str, path, None)
     if proxy:
-        if not proxy.startswith(("http://", "https://")):
-            raise ConfigError(path + ".proxy", "expected an http:// or https:// URL")
+        if not proxy.startswith("http://"):
+            raise ConfigError(path + ".proxy", "expected an http:// URL (the proxy itself is "
+                                               "spoken to in plain HTTP; https servers are tunnelled)")
         secrets.extend(url_userinfo(proxy)[1:])
 
     return Client(
@@ -327,7 +347,8 @@ def check_type(value: Json, kind: Any, path: str) -> Json:
     wrong_bool = isinstance(value, bool) and kind is not bool
     if wrong_bool or not isinstance(value, kind):
         expected = "a number" if isinstance(kind, tuple) else TYPE_NAMES[kind]
-        raise ConfigError(path, "expected %s, got %s" % (expected, describe(value)))
+        reveal = ".authentication" not in path and not path.endswith(".clientKey")
+        raise ConfigError(path, "expected %s, got %s" % (expected, describe(value, reveal)))
     return value
 
 
@@ -370,28 +391,33 @@ def basic_authorization(username: str, password: str) -> str:
     return "Basic " + token
 
 
-def authorization_header(authentication: Json, path: str) -> str:
-    """The Authorization header value for one of the three authentication kinds."""
+def authorization_header(authentication: Json, path: str,
+                         warn: Callable[[str], None] = log) -> str | None:
+    """The Authorization header for one of the three kinds; None for an empty credential."""
     if not isinstance(authentication, dict):
-        raise ConfigError(path, "expected an object, got %s" % describe(authentication))
-    keys = set(authentication)
-    for kind in AUTHENTICATION_KINDS:
-        if keys == set(kind):
-            for key in kind:
-                value = authentication[key]
-                if not isinstance(value, str):  # never echo the value: it may be a secret
-                    raise ConfigError("%s.%s" % (path, key), "expected a string")
-                if "\r" in value or "\n" in value:
-                    raise ConfigError("%s.%s" % (path, key), "must be a single line")
-                if not value and key != "password":
-                    raise ConfigError("%s.%s" % (path, key), "must not be empty")
-            if kind == ("apiKey",):
-                return "ApiKey " + str(authentication["apiKey"])
-            if kind == ("bearerToken",):
-                return "Bearer " + str(authentication["bearerToken"])
-            return basic_authorization(authentication["username"], authentication["password"])
-    raise ConfigError(path, 'expected {"username", "password"}, {"apiKey"} or {"bearerToken"}, '
-                            "got keys %s" % json.dumps(sorted(keys)))
+        raise ConfigError(path, "expected an object, got %s" % describe(authentication, reveal=False))
+    for key, value in authentication.items():
+        if key not in AUTHENTICATION_KEYS:
+            warn("warning: %s.%s: unknown key, ignored" % (path, key))
+        elif not isinstance(value, str):  # never echo the value: it may be a secret
+            raise ConfigError("%s.%s" % (path, key), "expected a string")
+        elif "\r" in value or "\n" in value:
+            raise ConfigError("%s.%s" % (path, key), "must be a single line")
+        elif key in ("apiKey", "bearerToken") and not (value.isascii() and value.isprintable()
+                                                       and " " not in value):
+            raise ConfigError("%s.%s" % (path, key), "must be printable ASCII without spaces")
+    kinds = [key for key in ("username", "apiKey", "bearerToken") if key in authentication]
+    if len(kinds) != 1 or ("password" in authentication and kinds != ["username"]):
+        raise ConfigError(path, 'expected {"username", "password"}, {"apiKey"} or {"bearerToken"}, '
+                                "got keys %s" % json.dumps(sorted(authentication)))
+    value = str(authentication[kinds[0]])
+    if not value:
+        return None  # an empty username, apiKey or bearerToken: no authentication
+    if kinds == ["apiKey"]:
+        return "ApiKey " + value
+    if kinds == ["bearerToken"]:
+        return "Bearer " + value
+    return basic_authorization(value, authentication.get("password", ""))
 
 
 # ============================================================================ The document
@@ -863,10 +889,17 @@ def check_client(client: Client, opener: urllib.request.OpenerDirector, index: s
     if root.status == 401:
         return False, "authentication failed (401 %s)" % root.error
     flavour, version = server_identity(root)
-    identity = "%s %s" % (flavour, version)
     # A least-privilege user may not read "/" (403); some builds have no "/" at all (405).
     if root.status != 200 and not (400 <= root.status < 500 and (root.product or root.error)):
-        return False, "%s  unexpected answer to GET /: %d %s" % (identity, root.status, root.error)
+        return False, "%s %s  unexpected answer to GET /: %d %s" % (
+            flavour, version, root.status, root.error)
+    if root.status != 200:  # the node's own description, where the credentials may read it
+        nodes = open_url(opener, "GET", base + "/_nodes/_local?filter_path=nodes.*.version",
+                         headers, None, client.timeout)
+        described = nodes.body.get("nodes") if isinstance(nodes.body, dict) else None
+        if isinstance(described, dict) and described:
+            version = str(next(iter(described.values())).get("version", version))
+    identity = "%s %s" % (flavour, version)
 
     if flavour == "opensearch":
         info = open_url(opener, "GET", base + "/_plugins/_security/authinfo", headers, None,
@@ -1044,13 +1077,14 @@ def parse_arguments(argv: list[str]) -> Arguments | str:
 
 def read_configuration(option: str | None, environ: Environ) -> tuple[str | None, str]:
     """(text, source) from --config, $TRACKING_CONFIGURATION (JSON or a path), or config.json."""
-    inline = environ.get(CONFIGURATION_VARIABLE, "")
-    if option is None and inline.strip().startswith("{"):
+    inline = environ.get(CONFIGURATION_VARIABLE, "").strip()
+    if option is None and inline[:1] in ("{", "["):
         return inline, CONFIGURATION_VARIABLE
     if option is not None:
-        path, source = option, "--config"
-    elif inline.strip():
-        path, source = inline.strip(), CONFIGURATION_VARIABLE
+        path, source = option, option
+    elif inline:  # a GitLab "File" variable: the path of a file holding the JSON
+        path, source = inline, "the file named by $%s" % CONFIGURATION_VARIABLE  # never echoed:
+        # a value that is neither JSON nor a path may well be a mangled secret
     else:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")
         if not os.path.exists(path):
@@ -1058,9 +1092,11 @@ def read_configuration(option: str | None, environ: Environ) -> tuple[str | None
         source = path
     try:
         with open(path, encoding="utf-8") as handle:
-            return handle.read(), path
+            return handle.read(), source
     except OSError as error:
-        raise ConfigError(source, "cannot read %s: %s" % (path, error.strerror)) from None
+        raise ConfigError(source, "cannot read: %s" % error.strerror) from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "not UTF-8 text") from None
 
 
 def template_arguments(arguments: Arguments, environ: Environ) -> tuple[str, str]:
@@ -1097,10 +1133,11 @@ def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
     try:
         arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     except UsageError as error:
-        log("usage error: %s\n%s\n(see: python tracking.py --help)" % (error, USAGE))
+        log("usage error: %s" % error)
+        log(USAGE + " (more: --help)")
         return 2
     if isinstance(arguments, str):  # --help or --version
-        print(arguments)
+        show(arguments)
         return 0
     quiet, verbose = arguments.quiet, arguments.verbose
 
@@ -1139,9 +1176,10 @@ def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
 def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
         debug: Callable[[str], None]) -> int:
     """One run of the probe; returns the exit code."""
-    if environ.get(DISABLED_VARIABLE, "").strip().lower() in TRUE_VALUES and not arguments.check:
+    if environ.get(DISABLED_VARIABLE, "").strip().lower() in TRUE_VALUES:
         info("disabled by $%s: nothing sent" % DISABLED_VARIABLE)
-        return 0
+        if not (arguments.check or arguments.dry_run):  # those two send nothing anyway
+            return 0
     now = time.time()
     try:
         text, source = read_configuration(arguments.config, environ)
@@ -1153,19 +1191,20 @@ def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
                                   % CONFIGURATION_VARIABLE)
             for client in clients:
                 warn_insecure(client, info)
-            return 0 if check_all(clients, now, print) else 1
+            return 0 if check_all(clients, now, show) else 1
         name, version = template_arguments(arguments, environ)
         document = build_document(environ, name, version, now)
         identifier = document_id(environ, name, os.urandom(16))
         if arguments.dry_run:
             plan = dry_run_report(clients, document, identifier, now)
-            print(json.dumps(plan, indent=2, ensure_ascii=False))
+            show(json.dumps(plan, indent=2, ensure_ascii=False))
             return 0
         if not clients:
             info("no server configured (%s): nothing sent" % source)
             return 0
         for client in clients:
             warn_insecure(client, info)
+
         def report(outcome: Outcome) -> None:
             (info if outcome.delivered else log)(outcome.line())
 

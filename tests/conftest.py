@@ -115,8 +115,8 @@ class StandIn:
         self.requests: list[Recorded] = []
         self.documents: dict[str, dict] = {}
         self.script: list[tuple[int, dict, dict]] = []
-        self.root: dict | None = {"name": "standin", "version": {"number": "8.15.0", "build_flavor": "default"},
-                     "tagline": "You Know, for Search"}
+        self.root: dict | None = {"name": "standin", "tagline": "You Know, for Search",
+                                  "version": {"number": "8.15.0", "build_flavor": "default"}}
         self.granted = {"create_doc": True, "indices:admin/auto_create": True}
         self.privileges: tuple[int, dict] | None = None  # an answer to _has_privileges instead
         self.gate: threading.Event | None = None  # when set, PUT answers wait for it

@@ -52,16 +52,21 @@ def one(client: dict, **environ: str) -> tracking.Client:
     ({"clients": [{"url": "http://h", "skipSslVerification": "yes"}]},
      'clients[0].skipSslVerification: expected true or false, got "yes"'),
     ({"clients": [{"url": "http://h", "authentication": "x"}]},
-     'clients[0].authentication: expected an object, got "x"'),
+     "clients[0].authentication: expected an object, got a string"),
+    ({"clients": [{"url": "http://h", "authentication": {"password": "p"}}]},
+     'clients[0].authentication: expected {"username", "password"}, {"apiKey"} or {"bearerToken"}'),
     ({"clients": [{"url": "http://h", "authentication": {"user": "u"}}]},
      'clients[0].authentication: expected {"username", "password"}, {"apiKey"} or {"bearerToken"}'),
-    ({"clients": [{"url": "http://h", "authentication": {"apiKey": ""}}]},
-     "clients[0].authentication.apiKey: must not be empty"),
+    ({"clients": [{"url": "http://h", "authentication": {"apiKey": "clé✓"}}]},
+     "clients[0].authentication.apiKey: must be printable ASCII without spaces"),
+    ({"clients": [{"url": "http://h", "authentication": {"bearerToken": "a b"}}]},
+     "clients[0].authentication.bearerToken: must be printable ASCII without spaces"),
     ({"clients": [{"url": "http://h", "authentication": {"username": "u", "password": 123456}}]},
      "clients[0].authentication.password: expected a string"),
     ({"clients": [{"url": "http://h", "clientCertificate": "c.pem"}]},
      'clients[0]: "clientCertificate" and "clientKey" go together'),
     ({"clients": [{"url": "http://h", "proxy": "proxy:3128"}]}, "clients[0].proxy: expected an http://"),
+    ({"clients": [{"url": "http://h", "proxy": "https://proxy:3128"}]}, "clients[0].proxy: expected an http://"),
     ({"clients": [{"url": "http://h", "caCertificate": ["x"]}]},
      "clients[0].caCertificate: expected a string, got an array"),
     ({"clients": [{"url": "http://h", "index": "${NOPE}"}]},
@@ -213,3 +218,51 @@ def test_example_configuration_is_valid_and_complete():
     for client in json.loads((ROOT / "config.example.json").read_text())["clients"]:
         keys |= set(client)
     assert keys >= set(tracking.CLIENT_KEYS) - {"clientCertificate", "clientKey"}
+
+
+@pytest.mark.parametrize("authentication", [{"username": "", "password": ""}, {"apiKey": ""},
+                                            {"bearerToken": ""}])
+def test_an_empty_credential_means_no_authentication(authentication):
+    assert one({"url": "http://h", "authentication": authentication}).authorization is None
+
+
+def test_unknown_authentication_keys_are_warned_not_fatal():
+    warnings: list[str] = []
+    [client] = load({"clients": [{"url": "http://h", "authentication": {
+        "username": "u", "password": "p", "realm": "x"}}]}, warnings=warnings)
+    assert client.authorization == tracking.basic_authorization("u", "p")
+    assert any("clients[0].authentication.realm: unknown key" in w for w in warnings)
+
+
+@pytest.mark.parametrize("client", [
+    {"url": "http://h", "authentication": "tbc:%s" % SECRET},
+    {"urls": "http://u:%s@h:9200" % SECRET},
+    {"url": "http://h", "clientCertificate": "c.pem", "clientKey": ["%s" % SECRET]},
+])
+def test_error_messages_never_echo_a_secret(client):
+    with pytest.raises(tracking.ConfigError) as error:
+        load({"clients": [client]})
+    assert SECRET not in str(error.value)
+
+
+def test_a_tracking_configuration_that_is_neither_json_nor_a_file_is_not_echoed():
+    env = probe_env(TRACKING_CONFIGURATION='"clients": [{"url": "http://u:%s@h"}]' % SECRET)
+    result = run_probe("maven", "1", env=env)
+    assert result.returncode == 2
+    assert "TRACKING_CONFIGURATION" in result.stderr and "cannot read" in result.stderr
+
+
+def test_a_configuration_that_is_not_utf8_is_a_configuration_error(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes('{"clients": [{"url": "http://h", "indexPrefix": "été-"}]}'.encode("latin-1"))
+    result = run_probe("maven", "1", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "configuration error" in result.stderr and "UTF-8" in result.stderr
+
+
+def test_absurdly_nested_json_is_a_configuration_error(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    result = run_probe("maven", "1", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "nested too deeply" in result.stderr
