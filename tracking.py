@@ -74,9 +74,13 @@ INDEX_PLACEHOLDERS = ("{YYYY}", "{MM}", "{DD}")
 INDEX_FORBIDDEN_CHARACTERS = '\\/*?"<>|,#: '
 
 RETRY_STATUSES = (429, 502, 503, 504)
+# What servers without security answer to its endpoints (no such handler, or security off).
+SECURITY_ABSENT_HINTS = ("no handler found", "incorrect http method", "not enabled",
+                         "explicitly enabled")
 BACKOFF_BASE = 0.1  # seconds before the second round of attempts
 BACKOFF_CAP = 2.0
-JOIN_MARGIN = 0.25  # seconds the main thread waits past the latest deadline
+JOIN_MARGIN = 0.25  # seconds the main thread waits for a delivery past its deadline
+MIN_ATTEMPT_TIME = 0.1  # seconds: no backoff ends later than this before the deadline
 ERROR_BODY_LIMIT = 65536
 
 USER_AGENT = "tracking-probe/%s (python/%d.%d)" % ((__version__, *sys.version_info[:2]))
@@ -583,22 +587,40 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def tls_context(ca_certificate: str | None, client_certificate: str | None,
-                client_key: str | None, skip_verification: bool) -> ssl.SSLContext:
-    """One verified TLS context (TLS 1.2+), unless the configuration says to skip checks."""
+def tls_context(settings: TlsSettings, path: str) -> ssl.SSLContext:
+    """One verified TLS context (TLS 1.2+), unless the configuration says to skip checks.
+
+    A file that cannot be loaded is a ConfigError naming its key."""
     import ssl
 
+    ca_certificate, certificate, key, skip_verification = settings
     is_pem = ca_certificate is not None and "-----BEGIN" in ca_certificate
-    context = ssl.create_default_context(
-        cafile=None if is_pem else ca_certificate,
-        cadata=ca_certificate if is_pem else None)
+    try:
+        context = ssl.create_default_context(cafile=None if is_pem else ca_certificate,
+                                             cadata=ca_certificate if is_pem else None)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        raise ConfigError(path + ".caCertificate", "cannot load: %s" % file_problem(error)) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if skip_verification:
         context.check_hostname = False  # must come before verify_mode = CERT_NONE
         context.verify_mode = ssl.CERT_NONE
-    if client_certificate and client_key:
-        load_client_certificate(context, client_certificate, client_key)
+    if certificate and key:
+        for name, value in (("clientCertificate", certificate), ("clientKey", key)):
+            if "-----BEGIN" not in value and not os.path.isfile(value):
+                raise ConfigError("%s.%s" % (path, name), "cannot load: no such file")
+        try:
+            load_client_certificate(context, certificate, key)
+        except (OSError, ValueError) as error:
+            raise ConfigError(path + ".clientCertificate", "cannot load the client certificate and "
+                              "key: %s" % file_problem(error)) from None
     return context
+
+
+def file_problem(error: BaseException) -> str:
+    """Why a certificate or key did not load, without echoing any content."""
+    if isinstance(error, OSError) and error.strerror and not hasattr(error, "library"):
+        return error.strerror.lower()  # not found, permission denied...
+    return str(getattr(error, "reason", None) or "not a valid PEM file")
 
 
 def load_client_certificate(context: ssl.SSLContext, certificate: str, key: str) -> None:
@@ -620,37 +642,58 @@ def load_client_certificate(context: ssl.SSLContext, certificate: str, key: str)
         context.load_cert_chain(paths[0], paths[1])
 
 
+class ConfiguredProxy(urllib.request.BaseHandler):
+    """The client's own proxy, for every request. ProxyHandler would skip it for hosts in
+    $NO_PROXY, but that variable is about the environment's proxies, not this one."""
+
+    handler_order = 100  # before the HTTP(S) handlers, as ProxyHandler
+
+    def __init__(self, url: str) -> None:
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(url)
+        self.host = parts.netloc.rpartition("@")[2]
+        self.authorization = None
+        if parts.username is not None:
+            self.authorization = basic_authorization(unquote(parts.username),
+                                                     unquote(parts.password or ""))
+
+    def http_open(self, request: urllib.request.Request) -> None:
+        if self.authorization:
+            request.add_header("Proxy-Authorization", self.authorization)
+        request.set_proxy(self.host, "http")  # https: a CONNECT tunnel through it
+        # None: the HTTP(S) handler that follows sends the request through the proxy
+
+    https_open = http_open
+
+
 def build_opener(client: Client, context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
     """An opener for this client: its TLS context, and its proxy (else HTTPS_PROXY/NO_PROXY).
 
     Assembled by hand: build_opener() would add an HTTPSHandler with a default context even
     for plain HTTP, which loads the whole system CA store (tens of ms on Python 3.12+)."""
-    proxies = None
-    if client.proxy is not None:
-        proxies = {"http": client.proxy, "https": client.proxy} if client.proxy else {}
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(proxies), urllib.request.HTTPHandler(),
-                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
+    handlers: list[urllib.request.BaseHandler] = [
+        urllib.request.HTTPHandler(), urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor()]
+    if client.proxy is None:
+        handlers.append(urllib.request.ProxyHandler())  # the environment's proxies
+    elif client.proxy:
+        handlers.append(ConfiguredProxy(client.proxy))
     if context is not None:
-        opener.add_handler(urllib.request.HTTPSHandler(context=context))
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    for handler in handlers:
+        opener.add_handler(handler)
     return opener
 
 
 def prepare_tls(clients: list[Client]) -> dict[TlsSettings, ssl.SSLContext]:
-    """One TLS context per distinct TLS setting of HTTPS clients; bad files are config errors."""
+    """One TLS context per distinct TLS setting of HTTPS clients (loading CA files is costly)."""
     contexts: dict[TlsSettings, ssl.SSLContext] = {}
     for client in clients:
         settings = client.tls_settings()
-        if settings in contexts or not any(u.startswith("https:") for u in client.urls):
-            continue
-        try:
-            contexts[settings] = tls_context(*settings)
-        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
-            key = "clientCertificate" if "cert" in str(error).lower() and client.client_certificate \
-                else "caCertificate"
-            raise ConfigError("%s.%s" % (client.path, key),
-                              "cannot load: %s" % redact(str(error), client.secrets)) from None
+        if settings not in contexts and any(u.startswith("https:") for u in client.urls):
+            contexts[settings] = tls_context(settings, client.path)
     return contexts
 
 
@@ -796,26 +839,30 @@ def deliver(client: Client, opener: urllib.request.OpenerDirector, index: str, i
     headers = request_headers(client)
     path = request_path(index, identifier, client.es_major_version)
     attempts = 0
+    nodes = len(client.urls)
     response = Response(None, "timeout")
     while True:
         time_left = deadline - clock()
         if time_left <= 0:
             break
-        server = client.urls[attempts % len(client.urls)]
+        position = attempts % nodes
+        server = client.urls[position]
         attempts += 1
-        response = open_url(opener, "PUT", server + path, headers, body, time_left)
+        # The time left is shared among the nodes not yet tried in this round: a node that
+        # accepts and never answers must not take the others' turn.
+        response = open_url(opener, "PUT", server + path, headers, body, time_left / (nodes - position))
         debug(redact("%s attempt %d: status=%s %s" % (server + path, attempts, response.status,
                                                       response.error), client.secrets))
         if is_delivered(response.status) or not response.retryable:
             break
-        if attempts % len(client.urls):
+        if attempts % nodes:
             continue  # another node of the cluster: try it at once
-        time_left = deadline - clock()
-        delay = backoff_delay(attempts // len(client.urls), time_left, random())
+        time_left = deadline - clock() - MIN_ATTEMPT_TIME  # keep time for one more attempt
+        if time_left <= 0:
+            break
+        delay = backoff_delay(attempts // nodes, time_left, random())
         if response.retry_after is not None and response.retry_after < time_left:
             delay = max(delay, response.retry_after)
-        if delay >= time_left:
-            break  # no time for another attempt after waiting
         sleep(delay)
     elapsed = int((clock() - started) * 1000)
     delivered = is_delivered(response.status)
@@ -824,9 +871,9 @@ def deliver(client: Client, opener: urllib.request.OpenerDirector, index: str, i
 
 
 def deliver_all(clients: list[Client], document: dict[str, Json], identifier: str, now: float,
-                report: Callable[[Outcome], None], debug: Callable[[str], None],
-                stop: threading.Event | None = None) -> list[Outcome]:
-    """Deliver to every client at once; return within the largest budget plus a margin."""
+                report: Callable[[Outcome], None], debug: Callable[[str], None]) -> list[Outcome]:
+    """Deliver to every client at once; report each outcome as soon as it is known, and a
+    client still busy at the end of its budget (plus a margin) as a timeout."""
     import queue
 
     body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -834,29 +881,32 @@ def deliver_all(clients: list[Client], document: dict[str, Json], identifier: st
     contexts = prepare_tls(clients)
     started = time.monotonic()
     results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-    pending = {}
+    pending: dict[int, tuple[Outcome, float]] = {}  # id(client): (outcome if late, give-up time)
     for client in clients:
         index = expand_index(client.index_pattern, moment)
         deadline = started + client.timeout
-        pending[id(client)] = Outcome(client, client.server, index, False, None, 1, 0, "timeout")
+        late = Outcome(client, client.server, index, False, None, 1, 0, "timeout")
+        pending[id(client)] = (late, deadline + JOIN_MARGIN)
         thread = threading.Thread(target=deliver_safely, daemon=True, name=client.path, args=(
             client, contexts.get(client.tls_settings()), index, identifier, body, deadline,
             debug, results.put))
         thread.start()
-    final_deadline = started + max((c.timeout for c in clients), default=0) + JOIN_MARGIN
     outcomes = []
     while pending:
+        give_up = min(until for _, until in pending.values())
         try:
-            outcome = results.get(timeout=max(final_deadline - time.monotonic(), 0))
-        except queue.Empty:
-            break
-        pending.pop(id(outcome.client), None)
-        outcomes.append(outcome)
-        report(outcome)
-    for late in pending.values():  # stuck in the kernel or trickled to: the budget is spent
-        late.milliseconds = int((time.monotonic() - started) * 1000)
-        outcomes.append(late)
-        report(late)
+            outcome = results.get(timeout=max(give_up - time.monotonic(), 0))
+        except queue.Empty:  # stuck in the kernel, or trickled to: its budget is spent
+            for key, (late, until) in list(pending.items()):
+                if until <= time.monotonic():
+                    del pending[key]
+                    late.milliseconds = int((time.monotonic() - started) * 1000)
+                    outcomes.append(late)
+                    report(late)
+            continue
+        if pending.pop(id(outcome.client), None) is not None:  # else: reported late already
+            outcomes.append(outcome)
+            report(outcome)
     return outcomes
 
 
@@ -907,9 +957,7 @@ def check_client(client: Client, opener: urllib.request.OpenerDirector, index: s
         if info.status == 200:
             return True, "%s  %s: authenticated; write privilege not checked (OpenSearch has no " \
                          "privilege check that writes nothing)" % (identity, index)
-        if info.status == 401:
-            return False, "%s  authentication failed (401 %s)" % (identity, info.error)
-        return True, "%s  %s: can write (security not enabled)" % (identity, index)
+        return unchecked(info, identity, index)
 
     wanted = ["create_doc", "indices:admin/auto_create"]
     query = json.dumps({"index": [{"names": [index], "privileges": wanted}]}).encode()
@@ -923,11 +971,20 @@ def check_client(client: Client, opener: urllib.request.OpenerDirector, index: s
             return True, "%s  %s: can write (to an existing index only: no privilege to create it, " \
                          "such as auto_configure)" % (identity, index)
         return True, "%s  %s: can write" % (identity, index)
+    return unchecked(answer, identity, index)
+
+
+def unchecked(answer: Response, identity: str, index: str) -> tuple[bool, str]:
+    """The privilege question got no answer: security is off (anyone can write), or a problem."""
     if answer.status == 401:
         return False, "%s  authentication failed (401 %s)" % (identity, answer.error)
     if answer.status is None:
         return False, "%s  %s" % (identity, answer.error)
-    return True, "%s  %s: can write (security not enabled)" % (identity, index)
+    if answer.status in (400, 404, 405, 500) and any(
+            hint in answer.error.lower() for hint in SECURITY_ABSENT_HINTS):
+        return True, "%s  %s: can write (security not enabled)" % (identity, index)
+    return False, "%s  %s: cannot check the write privilege (%d %s)" % (
+        identity, index, answer.status, answer.error)
 
 
 def server_identity(root: Response) -> tuple[str, str]:
@@ -964,11 +1021,14 @@ def check_all(clients: list[Client], now: float, show: Callable[[str], None]) ->
 # ============================================================================ Service mode
 
 
-def service_port(environ: Environ) -> int:
+def service_port(environ: Environ, warn: Callable[[str], None] = log) -> int:
     for variable in PORT_VARIABLES:
-        value = parse_id(environ.get(variable))
+        text = environ.get(variable, "").strip()
+        value = parse_id(text)
         if value is not None and 0 < value < 65536:
             return value
+        if text:
+            warn("warning: $%s=%s is not a TCP port, ignored" % (variable, json.dumps(text[:20])))
     return DEFAULT_SERVICE_PORT
 
 
@@ -1153,7 +1213,7 @@ def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
     try:
         if arguments.service:
             stop_on_signals()  # before listening: once the port answers, a SIGTERM may follow
-            port = service_port(environ)
+            port = service_port(environ, info)
             listener = listen(port)  # the runner's health check is waiting
             if listener is not None:
                 debug("service mode: listening on port %d" % port)

@@ -178,7 +178,8 @@ class StandIn:
                 return 409, error_body(409), {}
             self.documents[request.path] = request.json()
             return 201, {"result": "created", "_id": request.path.split("/")[-1]}, {}
-        return 404, error_body(404), {}
+        return 400, {"error": "no handler found for uri [%s] and method [%s]"  # as Elasticsearch
+                     % (request.path, request.method), "status": 400}, {}
 
     def privileges_answer(self, request: Recorded) -> tuple[int, dict, dict]:
         """What Elasticsearch answers to _has_privileges, from self.granted."""

@@ -204,3 +204,34 @@ def test_check_needs_no_template_arguments_and_validates_first(tmp_path):
     result = check(tmp_path, {"url": "http://h", "timeout": "5s"})
     assert result.returncode == 2
     assert "clients[0].timeout" in result.stderr
+
+
+@pytest.mark.parametrize("status", [403, 404, 500])
+def test_check_fails_when_the_privilege_question_is_refused(standin, tmp_path, status):
+    standin.privileges = (status, {"error": {"type": "security_exception", "reason": "denied"}})
+    result = check(tmp_path, {"url": standin.url, "authentication": basic_auth()})
+    assert result.returncode == 1
+    assert "cannot check the write privilege (%d security_exception: denied)" % status in result.stdout
+
+
+def test_check_opensearch_with_security_is_authenticated(standin, tmp_path):
+    standin.root = {"version": {"distribution": "opensearch", "number": "2.19.1"}}
+    standin.respond_with((200, {"user_name": "tracking", "roles": ["writer"]}, {}))
+    result = check(tmp_path, {"url": standin.url, "authentication": basic_auth()})
+    assert result.returncode == 0
+    assert "opensearch 2.19.1" in result.stdout and "authenticated" in result.stdout
+
+
+def test_dry_run_still_works_when_disabled(tmp_path):
+    result = run_probe("--dry-run", "maven", "1", env=probe_env(TRACKING_DISABLED="1"))
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["document"]["template"]["name"] == "maven"
+    assert "disabled" in result.stderr
+
+
+def test_output_is_utf8_whatever_the_locale(tmp_path):
+    env = probe_env(PYTHONIOENCODING="ascii", CI_JOB_NAME="déploiement ✓")
+    result = subprocess.run([sys.executable, TRACKING, "--dry-run", "maven", "1"], env=env,
+                            capture_output=True, timeout=30, check=False)
+    assert result.returncode == 0
+    assert json.loads(result.stdout.decode("utf-8"))["document"]["ci"]["job"]["name"] == "déploiement ✓"

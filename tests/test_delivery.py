@@ -173,3 +173,27 @@ def test_deliver_retries_with_backoff_on_a_fake_clock(monkeypatch):
                                random=lambda: 0.5)
     assert outcome.delivered and outcome.attempts == 3 and outcome.status == 201
     assert sleeps == [pytest.approx(0.075), pytest.approx(0.15)]
+
+
+def test_a_blackholed_node_does_not_take_the_other_nodes_turn(standin, blackhole, tmp_path):
+    result, elapsed = deliver_to(tmp_path, {"urls": [blackhole.url, standin.url], "timeout": 3})
+    assert len(standin.documents) == 1
+    assert "tracking: %s index=" % standin.url in result.stderr
+    assert "delivered status=201 attempts=2" in result.stderr
+    assert elapsed < 3 + 2.0
+
+
+def test_each_client_is_held_to_its_own_budget(trickle, blackhole, tmp_path):
+    result, _ = deliver_to(tmp_path, {"url": trickle.url, "timeout": 1},
+                           {"url": blackhole.url, "timeout": 3})
+    lines = result.stderr.strip().splitlines()
+    assert trickle.url in lines[0] and "error=timeout" in lines[0]  # reported first, at its own end
+    assert int(lines[0].split("ms=")[1].split()[0]) < 1000 + 1000
+    assert blackhole.url in lines[1]
+
+
+def test_retries_go_on_until_the_end_of_the_budget(tmp_path):
+    dead = "http://127.0.0.1:%d" % unused_port()
+    result, _ = deliver_to(tmp_path, {"url": dead, "timeout": 2})
+    assert "error=connection: connection refused" in result.stderr
+    assert int(result.stderr.split("ms=")[1].split()[0]) >= 1500

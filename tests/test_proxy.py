@@ -49,3 +49,10 @@ def test_proxy_credentials_never_show(standin, proxy, tmp_path):
     assert "delivered" in result.stderr
     result = run_probe("--dry-run", "maven", "1", "--config", config)
     assert result.returncode == 0
+
+
+def test_an_explicit_proxy_applies_even_to_hosts_in_no_proxy(standin, proxy, tmp_path):
+    config = write_config(tmp_path, {"url": standin.url, "proxy": proxy.url})
+    env = probe_env(NO_PROXY="127.0.0.1,localhost")
+    assert "delivered status=201" in run_probe("maven", "1", "--config", config, env=env).stderr
+    assert len(proxy.targets) == 1

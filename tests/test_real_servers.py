@@ -107,6 +107,13 @@ def es8():
     return obtain(ES8)
 
 
+# Secured Elasticsearch 8 and 9: API keys (the .security index) work on both, thanks to the
+# test plugin realservers builds from tests/esplugin/.
+@pytest.fixture(scope="module", params=[ES8, MATRIX[4]], ids=server_id)
+def secure_es(request):
+    return obtain(request.param)
+
+
 @pytest.fixture
 def prefix(request):
     """A fresh index prefix per test: tests never see each other's documents."""
@@ -288,27 +295,58 @@ def test_two_real_servers_in_one_configuration_both_receive_it(prefix):
         assert stored["ci"]["job"]["id"] == int(env["CI_JOB_ID"])
 
 
-# ---------------------------------------------------------------- Elasticsearch 8 security
+# ---------------------------------------------------------------- Elasticsearch 8 and 9 security
 
 
-def test_basic_auth_and_bearer_token_deliver(es8, prefix):
-    # API keys cannot be tested on the integ-test zip: they live in the .security index,
-    # which it cannot create (no analysis-common module). A service-account Bearer token
-    # exercises the same header path ("<scheme> <credential>") against real security.
-    bearer_prefix = "logs-" + prefix  # elastic/fleet-server may write logs-*
+def writer_key(server, prefix):
+    """An API key with the probe's least privilege: create_doc + auto_configure on prefix*."""
+    return server.create_api_key("tracking-probe-test", {"tracking_writer": {
+        "indices": [{"names": [f"{prefix}*"], "privileges": ["create_doc", "auto_configure"]}]}})
+
+
+def test_basic_auth_api_key_and_bearer_token_all_deliver(secure_es, prefix):
+    api_key = writer_key(secure_es, "apikey-" + prefix)
     env = job_env([
-        es8.client_config(indexPrefix=prefix),  # Basic, the admin user
-        es8.client_config(indexPrefix=bearer_prefix, authentication={"bearerToken": es8.service_token}),
+        secure_es.client_config(indexPrefix=prefix),  # Basic, the admin user
+        secure_es.client_config(indexPrefix="apikey-" + prefix, authentication={"apiKey": api_key}),
+        # elastic/fleet-server may write logs-*
+        secure_es.client_config(indexPrefix="logs-" + prefix,
+                                authentication={"bearerToken": secure_es.service_token}),
     ])
     plan = dry_run(env)
 
     result = run_tracking("--strict", "maven", "4.2.0", env=env)
 
     assert result.returncode == 0, result.stderr
-    assert len([line for line in log_lines(result.stderr) if "delivered status=201" in line]) == 2
-    assert es8.service_token not in result.stderr + result.stdout
+    assert len([line for line in log_lines(result.stderr) if "delivered status=201" in line]) == 3
+    for secret in (api_key, secure_es.service_token, secure_es.admin_auth[1]):
+        assert secret not in result.stderr + result.stdout
     for request in plan["requests"]:
-        read_document(es8, request["index"], request["documentId"])
+        read_document(secure_es, request["index"], request["documentId"])
+
+
+def test_least_privilege_api_key_writes_but_cannot_read_or_stray(secure_es, prefix):
+    api_key = writer_key(secure_es, prefix)
+    status, who = secure_es.request("GET", "/_security/_authenticate", auth="ApiKey " + api_key)
+    assert status == 200 and who["authentication_type"] == "api_key", who
+    env = job_env([secure_es.client_config(indexPrefix=prefix, authentication={"apiKey": api_key})])
+    request = dry_run(env)["requests"][0]
+    stray = job_env([secure_es.client_config(indexPrefix="other-" + prefix,
+                                             authentication={"apiKey": api_key})])
+
+    delivered = run_tracking("--strict", "maven", "4.2.0", env=env)  # a new index: auto_configure
+    refused = run_tracking("--strict", "maven", "4.2.0", env=stray)  # outside the key's indices
+
+    assert delivered.returncode == 0, delivered.stderr
+    assert "delivered status=201" in delivered.stderr
+    read_document(secure_es, request["index"], request["documentId"])  # as admin
+    status, _ = secure_es.request("GET", f"/{request['index']}/_doc/{request['documentId']}",
+                                  auth="ApiKey " + api_key)
+    assert status == 403  # the key really cannot read
+    assert refused.returncode == 1, refused.stderr
+    (line,) = log_lines(refused.stderr)
+    assert "failed status=403" in line and "security_exception" in line, line
+    assert api_key not in delivered.stderr + refused.stderr
 
 
 def test_wrong_password_fails_open_and_strict_fails(es8, prefix):

@@ -180,3 +180,12 @@ def test_configuration_error_in_service_mode_is_logged_and_never_stops_the_job(s
     service.wait_for_line('clients[0].timeout: expected a number, got "5s"')
     assert port_answers(port)
     assert service.stop()[0] == 0
+
+
+def test_a_port_variable_that_is_not_a_port_is_warned_and_the_next_one_used(services, standin, tmp_path):
+    port = unused_port()
+    env = probe_env(HEALTHCHECK_TCP_PORT="http", TRACKING_SERVICE_PORT=str(port))
+    service = services("maven", "1", "--config", write_config(tmp_path, {"url": standin.url}), env=env)
+    service.wait_for_line('$HEALTHCHECK_TCP_PORT="http" is not a TCP port')
+    assert port_answers(port)
+    assert service.stop()[0] == 0

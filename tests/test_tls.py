@@ -93,3 +93,20 @@ def test_an_unreadable_ca_file_is_a_configuration_error(tmp_path):
 def test_plain_http_loads_no_certificates(standin, tmp_path):
     result = deliver(tmp_path, {"url": standin.url, "caCertificate": str(tmp_path / "nope.pem")})
     assert result.returncode == 0 and len(standin.documents) == 1
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("caCertificate", "clients[0].caCertificate: cannot load: no such file or directory"),
+    ("clientKey", "clients[0].clientKey: cannot load: no such file"),
+    ("clientCertificate", "clients[0].clientCertificate: cannot load the client certificate and key"),
+])
+def test_tls_files_that_do_not_load_are_named_by_their_key(certificates, tmp_path, key, message):
+    client = {"url": "https://127.0.0.1:1", "caCertificate": certificates.ca_path,
+              "clientCertificate": certificates.client_cert_path,
+              "clientKey": certificates.client_key_path}
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    client[key] = str(garbage) if key == "clientCertificate" else str(tmp_path / "missing.pem")
+    result = deliver(tmp_path, client)
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
