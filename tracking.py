@@ -74,9 +74,10 @@ INDEX_PLACEHOLDERS = ("{YYYY}", "{MM}", "{DD}")
 INDEX_FORBIDDEN_CHARACTERS = '\\/*?"<>|,#: '
 
 RETRY_STATUSES = (429, 502, 503, 504)
-# What servers without security answer to its endpoints (no such handler, or security off).
+# What servers without security answer to its endpoints: no such handler, security off, or
+# (no such endpoint at all) "/_security/..." read as an index name.
 SECURITY_ABSENT_HINTS = ("no handler found", "incorrect http method", "not enabled",
-                         "explicitly enabled")
+                         "explicitly enabled", "invalid index name [_")
 BACKOFF_BASE = 0.1  # seconds before the second round of attempts
 BACKOFF_CAP = 2.0
 JOIN_MARGIN = 0.25  # seconds the main thread waits for a delivery past its deadline

@@ -18,6 +18,11 @@ Usage::
         server.version      # "8.19.21"
         server.ca_path      # PEM file of the CA that signed the HTTP cert (None without tls)
         server.admin_auth   # ("tracking-admin", "<password>") with security, else None
+        server.users["tracking_writer"]   # (user, password): create_doc + auto_configure on tracking-writer-*
+        server.users["tracking_create_doc"]  # (user, password): create_doc only, same indices
+        server.users["tracking_reader"]   # (user, password): read on tracking-reader-*, no write
+        server.service_token              # Bearer token (elastic/fleet-server: writes logs-*)
+        server.create_api_key("probe", {...})   # encoded API key (security on Elasticsearch 8, 9)
         status, body = server.request("GET", "/_cluster/health")   # admin auth by default
         server.client_config()   # a tracking.py "clients" entry pointing at this server
     finally:
@@ -29,10 +34,21 @@ Usage::
     pool.stop_all()
 
 Proven versions (``MATRIX``): OpenSearch 2.19.6 (Java 17) and 3.8.0 (Java 21+),
-Elasticsearch 7.17.29 (Java 17), 8.19.21 (Java 17) and 9.2.4 (Java 21+).
+Elasticsearch 7.17.29 (Java 17), 8.8.2 and 8.19.21 (Java 17) and 9.2.4 (Java 21+).
+``python tests/realservers.py --prepare`` downloads and unpacks them all (a CI warm-up).
 Elasticsearch zips include x-pack security (security=True, tls=True work on 8
 and 9; on 7.17 security is switched off); the OpenSearch integ-test zips carry
 no security plugin, so security/tls are refused for them.
+
+Limits of the integ-test zips (they hold only a few modules):
+- no analysis-common module, without which Elasticsearch cannot create its .security
+  index (400 "Unknown filter type [pattern_capture]"): with security, a test-only plugin
+  built from tests/esplugin/ (javac of the server's JDK against the zip's own lib/, then
+  cached in the unpacked directory) registers the three components that index needs,
+  so API keys work (Server.create_api_key); users, roles (TEST_ROLES) and a service
+  token are still written offline into the file realm, which needs no JVM start;
+- Elasticsearch 8.9 and later lack the rest-root module: GET / answers 405
+  (8.8.2 is the newest 8.x zip that still answers it).
 
 Environment:
     TRACKING_SERVERS_CACHE   where distributions are unpacked (default
@@ -53,6 +69,7 @@ from __future__ import annotations
 import atexit
 import base64
 import fcntl
+import hashlib
 import json
 import os
 import pwd
@@ -78,6 +95,7 @@ MATRIX = [
     (OPENSEARCH, "2.19.6"),
     (OPENSEARCH, "3.8.0"),
     (ELASTICSEARCH, "7.17.29"),
+    (ELASTICSEARCH, "8.8.2"),  # the newest 8.x zip that still answers GET / (see below)
     (ELASTICSEARCH, "8.19.21"),
     (ELASTICSEARCH, "9.2.4"),
 ]
@@ -88,10 +106,31 @@ MAVEN_COORDINATES = {
 }
 
 ADMIN_USER = "tracking-admin"
+# File-realm roles every secured Elasticsearch gets, each with a user of the same name
+# (underscores become dashes): Server.users["tracking_writer"] -> (user, password).
+TEST_ROLES = {
+    # Least privilege for the probe: create documents, and create the monthly index when it
+    # is missing (auto_configure), no read, no cluster privilege.
+    "tracking_writer": {"indices": [{"names": ["tracking-writer-*"],
+                                     "privileges": ["create_doc", "auto_configure"]}]},
+    # create_doc alone: enough for an index that exists, refused (403) for a missing one.
+    "tracking_create_doc": {"indices": [{"names": ["tracking-writer-*"], "privileges": ["create_doc"]}]},
+    # Can read and monitor, cannot write.
+    "tracking_reader": {"cluster": ["monitor"],
+                        "indices": [{"names": ["tracking-reader-*"], "privileges": ["read"]}]},
+}
+# The elastic/fleet-server service account may write "logs-*" indices: a real Bearer token.
+SERVICE_TOKEN_INDEX_PREFIX = "logs-"
 HEAP_OPTIONS = "-Xms512m -Xmx512m"
 START_TIMEOUT = 180  # seconds; a cold JVM start on 2 busy cores takes 20-60 s
 STOP_TIMEOUT = 20  # seconds between SIGTERM and SIGKILL
 DOWNLOAD_TIMEOUT = 900
+# A test-only plugin that gives the .security index the analysis components it needs (see
+# install_security_analysis): installed into every secured Elasticsearch, so API keys work.
+ANALYSIS_PLUGIN = "security-index-analysis"
+ANALYSIS_PLUGIN_SOURCE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "esplugin", "SecurityIndexAnalysisPlugin.java"
+)
 
 _RUNNING = []  # servers to stop at interpreter exit, even when a test crashed
 
@@ -110,7 +149,7 @@ def _java_range(flavour, version):
     Java 24, so they get a JDK from 17 to 23; 9.x and OpenSearch 3.x need 21+.
     """
     major = _major(version)
-    if flavour == ELASTICSEARCH and major >= 9 or flavour == OPENSEARCH and major >= 3:
+    if (flavour == ELASTICSEARCH and major >= 9) or (flavour == OPENSEARCH and major >= 3):
         return 21, 99
     return 17, 23
 
@@ -218,7 +257,7 @@ def install(flavour, version):
     """Return the unpacked distribution directory, unpacking it once per cache."""
     root = cache_root()
     os.makedirs(root, exist_ok=True)
-    os.chmod(root, 0o755)
+    os.chmod(root, 0o755)  # noqa: S103 - the unprivileged server user reads the cache
     target = os.path.join(root, f"{flavour}-{version}")
     done_marker = os.path.join(target, ".unpacked")
     if os.path.exists(done_marker):
@@ -241,7 +280,7 @@ def install(flavour, version):
         shutil.rmtree(target, ignore_errors=True)
         os.rename(os.path.join(staging, top), target)
         os.rmdir(staging)
-        os.chmod(target, 0o755)
+        os.chmod(target, 0o755)  # noqa: S103 - as above
         open(done_marker, "w").close()
     return target
 
@@ -264,6 +303,61 @@ def available(flavour=ELASTICSEARCH, version="8.19.21"):
     except (OSError, zipfile.BadZipFile) as error:
         return False, f"could not unpack {flavour} {version}: {error}"
     return True, ""
+
+
+def install_security_analysis(install_dir, version, java_home):
+    """Build tests/esplugin against this distribution's own jars and put it in plugins/, once.
+
+    The .security index settings name analysis components of the analysis-common module
+    (filter pattern_capture, tokenizer uax_url_email, filter unique), which the integ-test
+    zip lacks: without them Elasticsearch cannot create that index, so no API key can be
+    stored. javac of the server's own JDK, no download; about 2 s, then cached.
+    """
+    with open(ANALYSIS_PLUGIN_SOURCE, "rb") as source:
+        digest = hashlib.sha256(source.read()).hexdigest()[:12]
+    done_marker = os.path.join(install_dir, f".{ANALYSIS_PLUGIN}-{digest}")
+    if os.path.exists(done_marker):
+        return
+    javac = os.path.join(java_home, "bin", "javac")
+    if not os.access(javac, os.X_OK):
+        raise ServerUnavailable(f"no javac in {java_home}: the test plugin needs a JDK, not a JRE")
+    lowest, _ = _java_range(ELASTICSEARCH, version)
+    root = cache_root()
+    with open(os.path.join(root, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(done_marker):
+            return
+        staging = tempfile.mkdtemp(prefix=f".{ANALYSIS_PLUGIN}-", dir=root)
+        try:
+            classes = os.path.join(staging, "classes")
+            result = subprocess.run(
+                [javac, "--release", str(lowest), "-cp", os.path.join(install_dir, "lib", "*"),
+                 "-d", classes, ANALYSIS_PLUGIN_SOURCE],
+                capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"javac of {ANALYSIS_PLUGIN_SOURCE} failed:\n{result.stderr[-3000:]}")
+            plugin = os.path.join(staging, ANALYSIS_PLUGIN)
+            os.makedirs(plugin)
+            with zipfile.ZipFile(os.path.join(plugin, f"{ANALYSIS_PLUGIN}.jar"), "w") as jar:
+                for directory, _subdirectories, files in os.walk(classes):
+                    for name in sorted(files):
+                        path = os.path.join(directory, name)
+                        jar.write(path, os.path.relpath(path, classes))
+            with open(os.path.join(plugin, "plugin-descriptor.properties"), "w", encoding="utf-8") as out:
+                out.write(f"name={ANALYSIS_PLUGIN}\n"
+                          "description=Test only: analysis components of the .security index\n"
+                          f"version={digest}\nclassname=tracking.testonly.SecurityIndexAnalysisPlugin\n"
+                          f"java.version={lowest}\nelasticsearch.version={version}\n")
+            os.chmod(plugin, 0o755)  # noqa: S103 - the unprivileged server user reads it
+            for name in os.listdir(plugin):
+                os.chmod(os.path.join(plugin, name), 0o644)
+            target = os.path.join(install_dir, "plugins", ANALYSIS_PLUGIN)
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(plugin, target)  # whole, never half-written, for a server starting now
+            open(done_marker, "w").close()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 # ==== Users, certificates
@@ -327,6 +421,9 @@ class Server:
         self.log_path = log_path
         self.security = admin_auth is not None
         self.tls = ca_path is not None
+        self.users = {}  # role name -> (user, password), see TEST_ROLES
+        self.service_token = None  # Bearer token of elastic/fleet-server (writes "logs-*")
+        self.leftovers = []  # launcher temp dirs to delete at stop
 
     def __repr__(self):
         return f"<Server {self.flavour} {self.version} {self.url}>"
@@ -369,6 +466,18 @@ class Server:
         except ValueError:
             return status, raw.decode("utf-8", "replace")
 
+    def create_api_key(self, name, role_descriptors=None, timeout=60):
+        """Create an API key as the admin; return its `encoded` value (`Authorization: ApiKey ...`).
+
+        role_descriptors limits the key ({} or None: the admin's own privileges). The first
+        key creates the .security index (a few seconds).
+        """
+        body = {"name": name, "role_descriptors": role_descriptors or {}}
+        status, answer = self.request("POST", "/_security/api_key", body, timeout=timeout)
+        if status != 200:
+            raise RuntimeError(f"could not create API key {name!r}: {status} {answer}")
+        return answer["encoded"]
+
     def client_config(self, **extra):
         """A tracking.py `clients` entry for this server (admin auth, CA when tls)."""
         client = {"url": self.url, "timeout": 10}
@@ -404,6 +513,8 @@ class Server:
             _RUNNING.remove(self)
         if not os.environ.get("TRACKING_KEEP_SERVER_DIRS"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+        for leftover in self.leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _signal_group(process, signum):
@@ -417,6 +528,23 @@ def _signal_group(process, signum):
 def _stop_all_running():
     for server in list(_RUNNING):
         server.stop()
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM run the atexit cleanup (by default it ends Python without it).
+
+    Servers run in their own session, so nothing else would stop them. Only
+    installed when nobody else handles SIGTERM, and only from the main thread.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def exit_cleanly(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, exit_cleanly)
 
 
 def _settings(flavour, version, port, workdir, security, tls):
@@ -464,13 +592,55 @@ def _chown_tree(path, owner):
     if owner is None:
         return
     uid, gid = owner
-    for directory, subdirectories, files in os.walk(path):
+    for directory, _subdirectories, files in os.walk(path):
         os.chown(directory, uid, gid)
         for name in files:
             os.chown(os.path.join(directory, name), uid, gid)
 
 
-def start_server(flavour, version, security=False, tls=False, start_timeout=START_TIMEOUT):
+def _pbkdf2_hash(secret, prefix="{PBKDF2}"):
+    """A password hash in Elasticsearch's own {PBKDF2} format (10000 rounds of HMAC-SHA512).
+
+    Written here, checked against `elasticsearch-users` output: saves a JVM start per user.
+    """
+    salt = os.urandom(32)
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, 10000, 32)
+    encode = base64.b64encode
+    return f"{prefix}10000${encode(salt).decode()}${encode(digest).decode()}"
+
+
+def _create_file_realm(config_dir, admin_auth):
+    """Write the admin, one user per TEST_ROLES role and a service token into config/.
+
+    File realm and file roles rather than the security API: written before the start,
+    they cost no request and do not depend on the .security index (see
+    install_security_analysis). Returns ({role: (user, password)}, service token).
+    """
+    accounts = [(admin_auth[0], admin_auth[1], "superuser")]
+    users = {}
+    for role in TEST_ROLES:
+        name = role.replace("_", "-")
+        users[role] = (name, name + "-" + os.urandom(6).hex())
+        accounts.append((*users[role], role))
+
+    def append(file_name, lines):
+        with open(os.path.join(config_dir, file_name), "a", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+
+    append("roles.yml", [f"{name}: {json.dumps(descriptor)}" for name, descriptor in TEST_ROLES.items()])
+    append("users", [f"{name}:{_pbkdf2_hash(password)}" for name, password, _ in accounts])
+    append("users_roles", [f"{role}:{name}" for name, _, role in accounts])
+    # A service token is base64url(00 01 00 01 "elastic/fleet-server/<name>:<secret>"); the file
+    # keeps a PBKDF2_STRETCH hash (PBKDF2 of the secret's SHA-512 hex), as the CLI writes it.
+    account = "elastic/fleet-server/tracking-probe"
+    secret = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    token = base64.urlsafe_b64encode(b"\x00\x01\x00\x01" + f"{account}:{secret}".encode())
+    stretched = hashlib.sha512(secret.encode()).hexdigest()
+    append("service_tokens", [f"{account}:{_pbkdf2_hash(stretched, '{PBKDF2_STRETCH}')}"])
+    return users, token.decode().rstrip("=")
+
+
+def start_server(flavour, version, security=False, tls=False, start_timeout=START_TIMEOUT, _attempt=1):
     """Start a single-node server on a free 127.0.0.1 port and wait until it is healthy.
 
     Raises ServerUnavailable when Java/Maven/the distribution is missing, and
@@ -485,6 +655,8 @@ def start_server(flavour, version, security=False, tls=False, start_timeout=STAR
         raise ServerUnavailable(reason)
     install_dir = install(flavour, version)
     java_home = find_java_home(flavour, version)
+    if flavour == ELASTICSEARCH and security:
+        install_security_analysis(install_dir, version, java_home)
     owner = server_user()
 
     workdir = tempfile.mkdtemp(prefix=f"tracking-{flavour}-{version}-")
@@ -511,26 +683,18 @@ def start_server(flavour, version, security=False, tls=False, start_timeout=STAR
     if tls:
         ca_path = make_certificates(config_dir)
     admin_auth = None
+    users = {}
+    service_token = None
     if security:
         admin_auth = (ADMIN_USER, "admin-" + os.urandom(9).hex())
-    _chown_tree(workdir, owner)
-    if owner:
-        os.chmod(workdir, 0o750)
-        os.chown(workdir, owner[0], 0)  # root's group: the test process (root) may read logs
-
-    if admin_auth:
-        # File realm user, written offline: no bootstrap password dance at startup.
-        subprocess.run(
-            [os.path.join(install_dir, "bin", "elasticsearch-users"), "useradd", admin_auth[0],
-             "-p", admin_auth[1], "-r", "superuser"],
-            env=environment, cwd=workdir, check=True, capture_output=True, timeout=120,
-            stdin=subprocess.DEVNULL, **user_kwargs,
-        )
+        users, service_token = _create_file_realm(config_dir, admin_auth)
+    _chown_tree(workdir, owner)  # last: the server writes its keystore and data in there
 
     arguments = [os.path.join(install_dir, "bin", flavour)]
     for key, value in _settings(flavour, version, port, workdir, security, tls).items():
         arguments += ["-E", f"{key}={value}"]
     log_path = os.path.join(workdir, "console.log")
+    before = _launcher_leftovers()
     with open(log_path, "wb") as console:
         process = subprocess.Popen(
             arguments, env=environment, cwd=workdir, stdout=console, stderr=subprocess.STDOUT,
@@ -539,14 +703,27 @@ def start_server(flavour, version, security=False, tls=False, start_timeout=STAR
     scheme = "https" if tls else "http"
     server = Server(flavour, version, f"{scheme}://127.0.0.1:{port}", process, workdir,
                     ca_path, admin_auth, log_path)
+    server.users = users
+    server.service_token = service_token
     _RUNNING.append(server)
+    _stop_on_sigterm()
     try:
         _wait_until_healthy(server, start_timeout)
+        server.leftovers = sorted(_launcher_leftovers() - before)
     except BaseException:
         tail = server.log_tail()
         server.stop()
+        if "BindException" in tail and _attempt < 3:
+            # Someone took the free port between our probe and the server's bind: new port.
+            return start_server(flavour, version, security, tls, start_timeout, _attempt + 1)
         raise RuntimeError(f"{flavour} {version} did not become healthy:\n{tail}") from None
     return server
+
+
+def _launcher_leftovers():
+    """The JVM-options launcher leaves a final-flags* dir in /tmp (it ignores ES_TMPDIR)."""
+    root = tempfile.gettempdir()
+    return {os.path.join(root, name) for name in os.listdir(root) if name.startswith("final-flags")}
 
 
 def _wait_until_healthy(server, timeout):
@@ -604,14 +781,21 @@ class ServerPool:
         self._servers.clear()
 
 
-if __name__ == "__main__":  # manual smoke test: python tests/realservers.py elasticsearch 8.19.21 [security] [tls]
+if __name__ == "__main__":
+    # python tests/realservers.py --prepare      fetch and unpack every MATRIX version
+    # python tests/realservers.py elasticsearch 8.19.21 [security] [tls]   start, query, stop
     import sys
 
+    if sys.argv[1:] == ["--prepare"]:
+        results = [(flavour, version, *available(flavour, version)) for flavour, version in MATRIX]
+        for flavour, version, ok, reason in results:
+            print(f"{flavour} {version}: {'ready' if ok else reason}")
+        sys.exit(0 if all(ok for _, _, ok, _ in results) else 1)
     flavour_arg, version_arg = sys.argv[1], sys.argv[2]
     started = time.monotonic()
     print("available:", available(flavour_arg, version_arg))
     demo = start_server(flavour_arg, version_arg, security="security" in sys.argv, tls="tls" in sys.argv)
     print(demo, f"healthy after {time.monotonic() - started:.1f}s")
-    print(demo.request("GET", "/"))
+    print(demo.request("GET", "/_cluster/health"))
     demo.stop()
     print("stopped; alive:", demo.running())

@@ -169,8 +169,14 @@ def test_check_reports_opensearch(standin, tmp_path):
     assert "opensearch 2.19.1" in result.stdout
 
 
-def test_check_without_security_says_so(standin, tmp_path):
-    standin.privileges = (400, {"error": "no handler found for uri"})
+@pytest.mark.parametrize("answer", [
+    (400, {"error": "no handler found for uri [/_security/user/_has_privileges] and method [POST]"}),
+    (400, {"error": {"type": "invalid_index_name_exception",  # Elasticsearch 7 without x-pack
+                     "reason": "Invalid index name [_security], must not start with '_', '-', or '+'"}}),
+    (500, {"error": {"type": "exception", "reason": "Security must be explicitly enabled"}}),
+])
+def test_check_without_security_says_so(standin, tmp_path, answer):
+    standin.privileges = answer
     result = check(tmp_path, {"url": standin.url})
     assert result.returncode == 0
     assert "security not enabled" in result.stdout
