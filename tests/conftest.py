@@ -428,6 +428,20 @@ def certificates(tmp_path_factory):
     return Certificates(tmp_path_factory.mktemp("certificates"))
 
 
+# ---------------------------------------------------------------- the image's base
+
+
+@pytest.fixture(scope="session")
+def base() -> str:
+    """The local equivalent of the distroless base image (tests/imagebase.py), built once."""
+    import imagebase
+
+    reason = imagebase.missing_tools()
+    if reason:
+        pytest.skip(reason)
+    return imagebase.ensure_base()
+
+
 # ---------------------------------------------------------------- no silent skips in CI
 
 

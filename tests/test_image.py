@@ -150,12 +150,6 @@ class Service:
 # ==== Fixtures: base, stand-in, images
 
 
-@pytest.fixture(scope="module")
-def base() -> str:
-    reason = imagebase.missing_tools()
-    if reason:
-        pytest.skip(reason)
-    return imagebase.ensure_base()
 
 
 @pytest.fixture(scope="module")

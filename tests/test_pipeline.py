@@ -96,12 +96,6 @@ def test_test_job_runs_the_readme_command_and_keeps_a_junit_report(workspace: Pa
 # ==== The build job, with buildah on the local base, not pushed
 
 
-@pytest.fixture(scope="module")
-def base() -> str:
-    reason = imagebase.missing_tools()
-    if reason:
-        pytest.skip(reason)
-    return imagebase.ensure_base()
 
 
 def build_job(workspace: Path, base: str, *variables: str) -> subprocess.CompletedProcess[str]:

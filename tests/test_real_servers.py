@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import realservers
+from conftest import GITLAB_ENV
 from realservers import ELASTICSEARCH, OPENSEARCH
 
 pytestmark = pytest.mark.integration
@@ -45,22 +46,8 @@ MATRIX = [
 POOL = realservers.ServerPool(max_running=2)  # 2 cores on a shared box
 _unavailable: dict[tuple, str] = {}
 
-GITLAB_JOB = {
-    "CI_SERVER_URL": "https://gitlab.example.com",
-    "GITLAB_USER_ID": "6097",
-    "GITLAB_USER_LOGIN": "pismy",
-    "CI_PROJECT_ID": "23568",
-    "CI_PROJECT_URL": "https://gitlab.example.com/to-be-continuous/samples/maven-library",
-    "CI_COMMIT_REF_NAME": "master",
-    "CI_JOB_NAME": "mvn-build",
-    "CI_JOB_STAGE": "package-publish",
-    "CI_PIPELINE_ID": "1835260",
-    "CI_PIPELINE_URL": "https://gitlab.example.com/to-be-continuous/samples/maven-library/-/pipelines/1835260",
-    "CI_RUNNER_ID": "44949",
-    "CI_RUNNER_DESCRIPTION": "shared-runners-manager-4.gitlab.com",
-    "CI_RUNNER_TAGS": '["gce", "east-c", "shared", "docker", "linux"]',
-    "CI_RUNNER_VERSION": "13.12.0-rc1",
-}
+# The job of conftest.py; each test gives its own CI_JOB_ID (and CI_JOB_URL).
+GITLAB_JOB = {k: v for k, v in GITLAB_ENV.items() if k not in ("CI_JOB_ID", "CI_JOB_URL")}
 
 
 def server_id(key):
