@@ -262,6 +262,10 @@ class Blackhole:
             except OSError:
                 return
             self.connections.append(connection)
+            self._serve(connection)
+
+    def _serve(self, connection: socket.socket) -> None:
+        """A blackhole leaves the connection open and silent."""
 
     def close(self) -> None:
         self.stop.set()
@@ -277,14 +281,8 @@ class Trickle(Blackhole):
         self.pace = pace
         super().__init__()
 
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                connection, _ = self.socket.accept()
-            except OSError:
-                return
-            self.connections.append(connection)
-            threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
+    def _serve(self, connection: socket.socket) -> None:
+        threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
 
     def _trickle(self, connection: socket.socket) -> None:
         answer = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nX-Padding: " + b"." * 10000
