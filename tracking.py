@@ -270,14 +270,14 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
             raise ConfigError(path + ".urls", "expected at least one URL")
         url_paths = ["%s.urls[%d]" % (path, i) for i in range(len(raw_urls))]
     urls = []
-    url_credentials = None
+    first_credentials = None
     for raw_url, url_path in zip(raw_urls, url_paths):
         if not isinstance(raw_url, str):
             raise ConfigError(url_path, "expected a string, got %s" % describe(raw_url))
         url, credentials = parse_server_url(raw_url, url_path)
         urls.append(url)
         if credentials:
-            url_credentials = url_credentials or credentials
+            first_credentials = first_credentials or credentials
             secrets.append(credentials[1])
 
     authorization = None
@@ -285,8 +285,8 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
         authentication = entry["authentication"]
         authorization = authorization_header(authentication, path + ".authentication", warn)
         secrets.extend(authentication.get(key, "") for key in SECRET_KEYS)
-    elif url_credentials:
-        authorization = basic_authorization(*url_credentials)
+    elif first_credentials:
+        authorization = basic_authorization(*first_credentials)
     if authorization:
         secrets.append(authorization.split(" ", 1)[1])
 
@@ -320,7 +320,9 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
         if not proxy.startswith("http://"):
             raise ConfigError(path + ".proxy", "expected an http:// URL (the proxy itself is "
                                                "spoken to in plain HTTP; https servers are tunnelled)")
-        secrets.extend(url_userinfo(proxy)[1:])
+        credentials = url_credentials(proxy)
+        if credentials:
+            secrets.append(credentials[1])  # the proxy's user name is no secret, its password is
 
     return Client(
         path=path, urls=urls, authorization=authorization, timeout=float(timeout),
@@ -357,17 +359,19 @@ def check_type(value: Json, kind: Any, path: str) -> Json:
     return value
 
 
-def url_userinfo(url: str) -> list[str]:
-    """The user name and password embedded in a URL, if any."""
+def url_credentials(url: str) -> tuple[str, str] | None:
+    """The user name and password a URL carries ("user:password@"), decoded; None without."""
     from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(url)
-    return [unquote(s) for s in (parts.username, parts.password) if s]
+    if parts.username is None:
+        return None
+    return unquote(parts.username), unquote(parts.password or "")
 
 
 def parse_server_url(raw: str, path: str) -> tuple[str, tuple[str, str] | None]:
     """Validate a node URL; return it without credentials, and the credentials it held."""
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(raw.strip())
@@ -383,10 +387,7 @@ def parse_server_url(raw: str, path: str) -> tuple[str, tuple[str, str] | None]:
         host = "[%s]" % host
     netloc = host if port is None else "%s:%d" % (host, port)
     base = "%s://%s%s" % (parts.scheme, netloc, parts.path.rstrip("/"))
-    credentials = None
-    if parts.username is not None:
-        credentials = (unquote(parts.username), unquote(parts.password or ""))
-    return base, credentials
+    return base, url_credentials(raw.strip())
 
 
 def basic_authorization(username: str, password: str) -> str:
@@ -610,7 +611,7 @@ def tls_context(settings: TlsSettings, path: str) -> ssl.SSLContext:
             if "-----BEGIN" not in value and not os.path.isfile(value):
                 raise ConfigError("%s.%s" % (path, name), "cannot load: no such file")
         try:
-            load_client_certificate(context, certificate, key)
+            load_client_certificate(context, certificate, key, path + ".clientKey")
         except (OSError, ValueError) as error:
             raise ConfigError(path + ".clientCertificate", "cannot load the client certificate and "
                               "key: %s" % file_problem(error)) from None
@@ -624,10 +625,15 @@ def file_problem(error: BaseException) -> str:
     return str(getattr(error, "reason", None) or "not a valid PEM file")
 
 
-def load_client_certificate(context: ssl.SSLContext, certificate: str, key: str) -> None:
+def load_client_certificate(context: ssl.SSLContext, certificate: str, key: str,
+                            key_path: str) -> None:
     """Paths, or inline PEM (ssl reads only files: write them, private, for the moment)."""
+
+    def refuse_passphrase() -> bytes:  # else OpenSSL would prompt on the job's stdin, and wait
+        raise ConfigError(key_path, "an encrypted key is not supported: give the key unencrypted")
+
     if "-----BEGIN" not in certificate and "-----BEGIN" not in key:
-        context.load_cert_chain(certificate, key)
+        context.load_cert_chain(certificate, key, password=refuse_passphrase)
         return
     import tempfile
 
@@ -640,7 +646,7 @@ def load_client_certificate(context: ssl.SSLContext, certificate: str, key: str)
                     handle.write(value)
                 value = path
             paths.append(value)
-        context.load_cert_chain(paths[0], paths[1])
+        context.load_cert_chain(paths[0], paths[1], password=refuse_passphrase)
 
 
 class ConfiguredProxy(urllib.request.BaseHandler):
@@ -650,14 +656,11 @@ class ConfiguredProxy(urllib.request.BaseHandler):
     handler_order = 100  # before the HTTP(S) handlers, as ProxyHandler
 
     def __init__(self, url: str) -> None:
-        from urllib.parse import unquote, urlsplit
+        from urllib.parse import urlsplit
 
-        parts = urlsplit(url)
-        self.host = parts.netloc.rpartition("@")[2]
-        self.authorization = None
-        if parts.username is not None:
-            self.authorization = basic_authorization(unquote(parts.username),
-                                                     unquote(parts.password or ""))
+        self.host = urlsplit(url).netloc.rpartition("@")[2]
+        credentials = url_credentials(url)
+        self.authorization = basic_authorization(*credentials) if credentials else None
 
     def http_open(self, request: urllib.request.Request) -> None:
         if self.authorization:
@@ -769,8 +772,11 @@ def transport_failure(error: BaseException) -> Response:
     """timeout, tls or connection, in the cause's own words; only a refused certificate is final."""
     import socket
     import ssl
+    import urllib.error
 
-    reason = getattr(error, "reason", error)
+    # urllib wraps failures to connect in URLError; an SSLError after the handshake (a TLS 1.3
+    # server refusing the client certificate) comes bare, and its own .reason is a string.
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
     if isinstance(reason, (socket.timeout, TimeoutError)):
         return Response(None, "timeout", retryable=True)
     if isinstance(reason, ssl.SSLCertVerificationError):
@@ -879,8 +885,8 @@ def deliver_all(clients: list[Client], document: dict[str, Json], identifier: st
 
     body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     moment = time.gmtime(now)
+    started = time.monotonic()  # loading CA files is part of each client's budget
     contexts = prepare_tls(clients)
-    started = time.monotonic()
     results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
     pending: dict[int, tuple[Outcome, float]] = {}  # id(client): (outcome if late, give-up time)
     for client in clients:
@@ -998,6 +1004,7 @@ def server_identity(root: Response) -> tuple[str, str]:
 
 
 def check_all(clients: list[Client], now: float, show: Callable[[str], None]) -> bool:
+    started = time.monotonic()
     contexts = prepare_tls(clients)
     moment = time.gmtime(now)
     results: list[tuple[bool, str]] = [(False, "timeout")] * len(clients)
@@ -1013,7 +1020,8 @@ def check_all(clients: list[Client], now: float, show: Callable[[str], None]) ->
     for thread in threads:
         thread.start()
     for thread, client in zip(threads, clients):
-        thread.join(client.timeout * 3 + JOIN_MARGIN)  # three requests at most
+        requests = len(client.urls) + 2  # GET / per node until one answers, two questions more
+        thread.join(max(started + client.timeout * requests + JOIN_MARGIN - time.monotonic(), 0))
     for client, (ok, text) in zip(clients, results):
         show(redact("%-5s %s  %s" % ("ok" if ok else "FAIL", client.server, text), client.secrets))
     return all(ok for ok, _ in results)

@@ -55,11 +55,12 @@ def probe_env(**variables: str) -> dict[str, str]:
 
 
 def run_probe(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
-              python: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+              python: tuple[str, ...] = (), stdin: int | None = None
+              ) -> subprocess.CompletedProcess[str]:
     """Run tracking.py exactly as a job does, and keep its output for the secret check."""
     command = [sys.executable, *python, TRACKING, *args]
     result = subprocess.run(command, env=probe_env() if env is None else env, capture_output=True,
-                            text=True, timeout=timeout, check=False)
+                            text=True, timeout=timeout, check=False, stdin=stdin)
     _outputs.extend((result.stdout, result.stderr))
     return result
 

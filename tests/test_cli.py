@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import TRACKING, basic_auth, probe_env, run_probe, unused_port, write_config
+from conftest import TRACKING, Trickle, basic_auth, probe_env, run_probe, unused_port, write_config
 
 import tracking
 
@@ -197,6 +198,20 @@ def test_check_reports_unreachable_servers_one_line_each(standin, tmp_path):
     assert len(lines) == 2
     assert lines[0].startswith("ok") and lines[1].startswith("FAIL")
     assert "connection refused" in lines[1]
+
+
+def test_check_of_hanging_servers_ends_with_the_longest_budget_not_their_sum(tmp_path):
+    servers = [Trickle(), Trickle()]  # they answer a byte at a time and never finish
+    try:
+        started = time.monotonic()
+        result = check(tmp_path, *({"url": server.url, "timeout": 1} for server in servers))
+        elapsed = time.monotonic() - started
+    finally:
+        for server in servers:
+            server.close()
+    assert result.returncode == 1
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["FAIL", "FAIL"]
+    assert elapsed < 3 * 1 + 0.25 + 1.5  # one budget of three requests, plus start-up; not two
 
 
 def test_check_reports_tls_problems(standin_factory, certificates, tmp_path):

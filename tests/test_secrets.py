@@ -78,3 +78,11 @@ def test_secrets_from_environment_variables_are_masked_too(standin, tmp_path):
 def test_redact_masks_userinfo_and_known_secrets():
     text = "https://user:pw@host:9200/x and again %s" % SECRET
     assert tracking.redact(text, [SECRET]) == "https://***@host:9200/x and again ***"
+
+
+@pytest.mark.parametrize("userinfo", ["proxyuser:%s" % SECRET, ":%s" % SECRET])
+def test_a_proxy_password_is_a_secret_even_without_a_user_name(userinfo):
+    text = '{"clients": [{"url": "http://h", "proxy": "http://%s@proxy:3128"}]}' % userinfo
+    [client] = tracking.load_configuration(text, {}, "test", lambda _: None)
+    assert SECRET in client.secrets
+    assert "proxyuser" not in client.secrets

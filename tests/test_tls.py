@@ -110,3 +110,33 @@ def test_tls_files_that_do_not_load_are_named_by_their_key(certificates, tmp_pat
     result = deliver(tmp_path, client)
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
+
+
+def test_a_refused_client_certificate_is_logged_as_a_tls_failure(mutual_tls, certificates, tmp_path):
+    # With TLS 1.3 the server's refusal arrives after the handshake, outside urllib's URLError.
+    result = deliver(tmp_path, {"url": mutual_tls.url, "caCertificate": certificates.ca_path,
+                                "timeout": 2})
+    assert "tls: " in result.stderr, result.stderr
+
+
+def test_an_encrypted_client_key_is_refused_without_asking_for_a_passphrase(certificates, tmp_path):
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(certificates.client.private_key_pem.bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    reader, writer = os.pipe()  # a job's stdin, held open: a passphrase prompt would wait on it
+    try:
+        result = run_probe("maven", "3.9.0", "--config", write_config(tmp_path, {
+            "url": "https://127.0.0.1:1", "caCertificate": certificates.ca_path,
+            "clientCertificate": certificates.client_cert_path, "clientKey": str(encrypted)}),
+            stdin=reader, timeout=20)
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert result.returncode == 2
+    assert "clients[0].clientKey: an encrypted key is not supported" in result.stderr, result.stderr
