@@ -162,6 +162,10 @@ class Client:
         """The first node URL, fit for a log line (it never holds credentials)."""
         return self.urls[0]
 
+    @property
+    def uses_tls(self) -> bool:
+        return any(url.startswith("https:") for url in self.urls)
+
     def tls_settings(self) -> TlsSettings:
         return (self.ca_certificate, self.client_certificate, self.client_key,
                 self.skip_ssl_verification)
@@ -696,7 +700,7 @@ def prepare_tls(clients: list[Client]) -> dict[TlsSettings, ssl.SSLContext]:
     contexts: dict[TlsSettings, ssl.SSLContext] = {}
     for client in clients:
         settings = client.tls_settings()
-        if settings not in contexts and any(u.startswith("https:") for u in client.urls):
+        if settings not in contexts and client.uses_tls:
             contexts[settings] = tls_context(settings, client.path)
     return contexts
 
@@ -730,7 +734,7 @@ def open_url(opener: urllib.request.OpenerDirector, method: str, url: str,
         body = read_json(error)
         return Response(error.code, error_summary(body), retry_after(error.headers), body,
                         product=error.headers.get("X-Elastic-Product", "") if error.headers else "")
-    except (urllib.error.URLError, OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError) as error:  # URLError is an OSError
         return transport_failure(error)
     except Exception as error:  # http.client.HTTPException and kin: the peer spoke nonsense
         if isinstance(error, (TypeError, AttributeError, NameError)):
@@ -1183,8 +1187,9 @@ def dry_run_report(clients: list[Client], document: dict[str, Json], identifier:
                    now: float) -> dict[str, Json]:
     """The document and, per client, the exact request, secrets masked."""
     requests = []
+    moment = time.gmtime(now)
     for client in clients:
-        index = expand_index(client.index_pattern, time.gmtime(now))
+        index = expand_index(client.index_pattern, moment)
         path = request_path(index, identifier, client.es_major_version)
         requests.append({
             "server": client.server, "method": "PUT", "url": client.server + path,
@@ -1288,7 +1293,7 @@ def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
 
 
 def warn_insecure(client: Client, info: Callable[[str], None]) -> None:
-    if client.skip_ssl_verification and any(u.startswith("https:") for u in client.urls):
+    if client.skip_ssl_verification and client.uses_tls:
         info("warning: %s: TLS certificate verification is disabled (skipSslVerification)"
              % client.server)
 
