@@ -25,7 +25,7 @@ Options:
   --version             print the version
   -h, --help            print this help
 Environment:
-  TRACKING_DISABLED=1|true|yes  send nothing (service mode still listens)
+  TRACKING_DISABLED=1|true|yes|on  send nothing (service mode still listens)
 
 Exit codes:
   0  delivered, or delivery failed without --strict (tracking is fail-open)
@@ -66,6 +66,7 @@ DEFAULT_SERVICE_PORT = 18733  # below the ephemeral range, clear of common servi
 TRUE_VALUES = ("1", "true", "yes", "on")
 
 DEFAULT_TIMEOUT = 5.0
+MAX_TIMEOUT = 3600  # seconds: anything longer is a typo (milliseconds?), not a budget
 DEFAULT_ES_MAJOR_VERSION = 7
 # Elasticsearch 5-9, and OpenSearch 1-3 by their own major version.
 ES_MAJOR_VERSIONS = (1, 2, 3, 5, 6, 7, 8, 9)
@@ -78,6 +79,9 @@ RETRY_STATUSES = (429, 502, 503, 504)
 # (no such endpoint at all) "/_security/..." read as an index name.
 SECURITY_ABSENT_HINTS = ("no handler found", "incorrect http method", "not enabled",
                          "explicitly enabled", "invalid index name [_")
+# How servers refuse a request path of another version: Elasticsearch 8+ and OpenSearch 2+ a
+# typed URL, Elasticsearch 5 and 6 a typeless one (read as the type "_create").
+WRONG_VERSION_SIGNS = ("no handler found for uri", "can't start with '_'")
 BACKOFF_BASE = 0.1  # seconds before the second round of attempts
 BACKOFF_CAP = 2.0
 JOIN_MARGIN = 0.25  # seconds the main thread waits for a delivery past its deadline
@@ -89,10 +93,12 @@ MASK = "***"
 USAGE = "usage: python tracking.py [--service] [TEMPLATE_NAME TEMPLATE_VERSION] [options]"
 HELP = (__doc__ or USAGE).strip()  # the module docstring is the --help text
 
-CLIENT_KEYS = (
-    "url", "urls", "authentication", "timeout", "indexPrefix", "index", "esMajorVersion",
-    "caCertificate", "clientCertificate", "clientKey", "skipSslVerification", "proxy",
-)
+NUMBER = (int, float)
+CLIENT_KEYS = {  # each key of a client, and the JSON type of its value
+    "url": str, "urls": list, "authentication": dict, "timeout": NUMBER, "indexPrefix": str,
+    "index": str, "esMajorVersion": int, "caCertificate": str, "clientCertificate": str,
+    "clientKey": str, "skipSslVerification": bool, "proxy": str,
+}
 AUTHENTICATION_KEYS = ("username", "password", "apiKey", "bearerToken")
 SECRET_KEYS = ("password", "apiKey", "bearerToken")  # masked in every output
 
@@ -257,9 +263,12 @@ def load_configuration(text: str, environ: Environ, source: str = "configuration
 def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str], None]) -> Client:
     if not isinstance(entry, dict):
         raise ConfigError(path, "expected an object, got %s" % describe(entry))
-    for key in entry:
+    for key, value in entry.items():
         if key not in CLIENT_KEYS:
             warn("warning: %s.%s: unknown key, ignored" % (path, key))
+        else:  # before ${NAME} is expanded: an error shows the reference, never what it holds
+            check_type(value, CLIENT_KEYS[key], "%s.%s" % (path, key))
+    raw_index = entry.get("index", entry.get("indexPrefix", "") + DEFAULT_INDEX_SUFFIX)
     entry = substitute(entry, environ, path)
     secrets: list[str] = []
 
@@ -294,9 +303,10 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
     if authorization:
         secrets.append(authorization.split(" ", 1)[1])
 
-    timeout = optional(entry, "timeout", (int, float), path, DEFAULT_TIMEOUT)
-    if not 0 < timeout <= 3600:
-        raise ConfigError(path + ".timeout", "expected a number of seconds above 0, got %s" % timeout)
+    timeout = optional(entry, "timeout", NUMBER, path, DEFAULT_TIMEOUT)
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise ConfigError(path + ".timeout", "expected a number of seconds above 0 and at most %d, got %s"
+                          % (MAX_TIMEOUT, timeout))
 
     prefix = optional(entry, "indexPrefix", str, path, "")
     if "index" in entry:
@@ -305,7 +315,7 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
         index_pattern, index_path = prefix + DEFAULT_INDEX_SUFFIX, path + ".indexPrefix"
     problem = index_name_problem(expand_index(index_pattern, time.gmtime(0)))
     if problem:
-        raise ConfigError(index_path, "%s (index %s)" % (problem, json.dumps(index_pattern)))
+        raise ConfigError(index_path, "%s (index %s)" % (problem, json.dumps(raw_index)))
 
     version = optional(entry, "esMajorVersion", int, path, DEFAULT_ES_MAJOR_VERSION)
     if version not in ES_MAJOR_VERSIONS:
@@ -321,10 +331,11 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
 
     proxy = optional(entry, "proxy", str, path, None)
     if proxy:
-        if not proxy.startswith("http://"):
-            raise ConfigError(path + ".proxy", "expected an http:// URL (the proxy itself is "
-                                               "spoken to in plain HTTP; https servers are tunnelled)")
-        credentials = url_credentials(proxy)
+        proxy_base, credentials = parse_server_url(proxy, path + ".proxy")
+        if not proxy_base.startswith("http://") or proxy_base.count("/") > 2:
+            raise ConfigError(path + ".proxy", "expected http://[user:password@]host[:port] (the "
+                                               "proxy is spoken to in plain HTTP; https servers are "
+                                               "tunnelled)")
         if credentials:
             secrets.append(credentials[1])  # the proxy's user name is no secret, its password is
 
@@ -377,6 +388,8 @@ def parse_server_url(raw: str, path: str) -> tuple[str, tuple[str, str] | None]:
     """Validate a node URL; return it without credentials, and the credentials it held."""
     from urllib.parse import urlsplit
 
+    if any(c.isspace() or not c.isprintable() for c in raw.strip()):
+        raise ConfigError(path, "a URL cannot contain spaces or control characters (percent-encode them)")
     try:
         parts = urlsplit(raw.strip())
         port = parts.port
@@ -586,11 +599,11 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     """Text fit for output: credentials inside URLs and every known secret masked."""
     import re
 
-    text = re.sub(r"(?<=://)[^/@\s]*@", MASK + "@", text)
     for secret in sorted(set(secrets), key=len, reverse=True):
         if len(secret) >= 3:
             text = text.replace(secret, MASK)
-    return text
+    # Then whatever stands between "://" and the last "@" of a host part: a password may hold "@".
+    return re.sub(r"(?<=://)[^/\s]*@", MASK + "@", text)
 
 
 def tls_context(settings: TlsSettings, path: str) -> ssl.SSLContext:
@@ -728,7 +741,8 @@ def open_url(opener: urllib.request.OpenerDirector, method: str, url: str,
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
         with opener.open(request, timeout=timeout) as answer:
-            return Response(answer.status, body=read_json(answer),
+            # A delivered document needs no body read: one that trickles must not undo it.
+            return Response(answer.status, body=read_json(answer) if method != "PUT" else None,
                             product=answer.headers.get("X-Elastic-Product", ""))
     except urllib.error.HTTPError as error:  # before URLError: it is one
         body = read_json(error)
@@ -860,8 +874,12 @@ def deliver(client: Client, opener: urllib.request.OpenerDirector, index: str, i
         server = client.urls[position]
         attempts += 1
         # The time left is shared among the nodes not yet tried in this round: a node that
-        # accepts and never answers must not take the others' turn.
-        response = open_url(opener, "PUT", server + path, headers, body, time_left / (nodes - position))
+        # accepts and never answers, or trickles its answer, must not take the others' turn.
+        share = time_left / (nodes - position)
+        if position < nodes - 1:
+            response = open_within(share, opener, server + path, headers, body)
+        else:
+            response = open_url(opener, "PUT", server + path, headers, body, share)
         debug(redact("%s attempt %d: status=%s %s" % (server + path, attempts, response.status,
                                                       response.error), client.secrets))
         if is_delivered(response.status) or not response.retryable:
@@ -877,21 +895,41 @@ def deliver(client: Client, opener: urllib.request.OpenerDirector, index: str, i
         sleep(delay)
     elapsed = int((clock() - started) * 1000)
     delivered = is_delivered(response.status)
-    return Outcome(client, server, index, delivered, response.status, attempts, elapsed,
-                   response.error)
+    error = response.error
+    if response.status == 400 and any(sign in error for sign in WRONG_VERSION_SIGNS):
+        error += " (does esMajorVersion %d fit this server? --check tells)" % client.es_major_version
+    return Outcome(client, server, index, delivered, response.status, attempts, elapsed, error)
+
+
+def open_within(share: float, opener: urllib.request.OpenerDirector, url: str,
+                headers: dict[str, str], body: bytes) -> Response:
+    """open_url for a PUT, given up after `share` seconds even against a server that trickles
+    bytes (a socket timeout bounds each read, not the exchange). The attempt left behind may
+    still land: create semantics make that a 409 on the next node, not a duplicate."""
+    answers: list[Response] = []
+    attempt = threading.Thread(target=lambda: answers.append(
+        open_url(opener, "PUT", url, headers, body, share)), daemon=True)
+    attempt.start()
+    attempt.join(share)
+    return answers[0] if answers else Response(None, "timeout", retryable=True)
 
 
 def deliver_all(clients: list[Client], document: dict[str, Json], identifier: str, now: float,
                 report: Callable[[Outcome], None], debug: Callable[[str], None]) -> list[Outcome]:
     """Deliver to every client at once; report each outcome as soon as it is known, and a
     client still busy at the end of its budget (plus a margin) as a timeout."""
-    import queue
-
     body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     moment = time.gmtime(now)
     started = time.monotonic()  # loading CA files is part of each client's budget
     contexts = prepare_tls(clients)
-    results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    finished: list[Outcome] = []  # filled by the delivery threads (queue would cost 1.5 ms to import)
+    arrived = threading.Condition()
+
+    def put(outcome: Outcome) -> None:
+        with arrived:
+            finished.append(outcome)
+            arrived.notify()
+
     pending: dict[int, tuple[Outcome, float]] = {}  # id(client): (outcome if late, give-up time)
     for client in clients:
         index = expand_index(client.index_pattern, moment)
@@ -900,24 +938,24 @@ def deliver_all(clients: list[Client], document: dict[str, Json], identifier: st
         pending[id(client)] = (late, deadline + JOIN_MARGIN)
         thread = threading.Thread(target=deliver_safely, daemon=True, name=client.path, args=(
             client, contexts.get(client.tls_settings()), index, identifier, body, deadline,
-            debug, results.put))
+            debug, put))
         thread.start()
     outcomes = []
     while pending:
         give_up = min(until for _, until in pending.values())
-        try:
-            outcome = results.get(timeout=max(give_up - time.monotonic(), 0))
-        except queue.Empty:  # stuck in the kernel, or trickled to: its budget is spent
-            for key, (late, until) in list(pending.items()):
-                if until <= time.monotonic():
-                    del pending[key]
-                    late.milliseconds = int((time.monotonic() - started) * 1000)
-                    outcomes.append(late)
-                    report(late)
-            continue
-        if pending.pop(id(outcome.client), None) is not None:  # else: reported late already
-            outcomes.append(outcome)
-            report(outcome)
+        with arrived:
+            arrived.wait_for(lambda: finished, max(give_up - time.monotonic(), 0))
+            arrivals, finished[:] = finished[:], []
+        for outcome in arrivals:
+            if pending.pop(id(outcome.client), None) is not None:  # else: reported late already
+                outcomes.append(outcome)
+                report(outcome)
+        for key, (late, until) in list(pending.items()):
+            if until <= time.monotonic():  # stuck in the kernel, or trickled to: budget spent
+                del pending[key]
+                late.milliseconds = int((time.monotonic() - started) * 1000)
+                outcomes.append(late)
+                report(late)
     return outcomes
 
 
@@ -937,14 +975,19 @@ def deliver_safely(client: Client, context: ssl.SSLContext | None, index: str,
 # ============================================================================ Check
 
 
-def check_client(client: Client, opener: urllib.request.OpenerDirector, index: str) -> tuple[bool, str]:
-    """Reachability, TLS, authentication, flavour and version, write privilege: nothing written."""
-    headers = request_headers(client)
-    root = Response(None, "no URL")
+def first_answer(client: Client, opener: urllib.request.OpenerDirector) -> tuple[str, Response]:
+    """The first node of the client that answers GET / (else the last one tried), and its answer."""
     for base in client.urls:
-        root = open_url(opener, "GET", base + "/", headers, None, client.timeout)
+        root = open_url(opener, "GET", base + "/", request_headers(client), None, client.timeout)
         if root.status is not None:
             break
+    return base, root
+
+
+def check_client(client: Client, opener: urllib.request.OpenerDirector, base: str, root: Response,
+                 index: str) -> tuple[bool, str]:
+    """Reachability, TLS, authentication, flavour and version, write privilege: nothing written."""
+    headers = request_headers(client)
     if root.status is None:
         return False, root.error
     if root.status == 401:
@@ -961,6 +1004,9 @@ def check_client(client: Client, opener: urllib.request.OpenerDirector, index: s
         if isinstance(described, dict) and described:
             version = str(next(iter(described.values())).get("version", version))
     identity = "%s %s" % (flavour, version)
+    problem = version_problem(flavour, version, client.es_major_version)
+    if problem:
+        return False, "%s  %s: %s" % (identity, index, problem)
 
     if flavour == "opensearch":
         info = open_url(opener, "GET", base + "/_plugins/_security/authinfo", headers, None,
@@ -983,6 +1029,25 @@ def check_client(client: Client, opener: urllib.request.OpenerDirector, index: s
                          "such as auto_configure)" % (identity, index)
         return True, "%s  %s: can write" % (identity, index)
     return unchecked(answer, identity, index)
+
+
+def version_problem(flavour: str, version: str, es_major_version: int) -> str | None:
+    """Why the requests esMajorVersion makes would be refused by this server, or None.
+
+    5 and 6 write typed URLs, which Elasticsearch 8+ and OpenSearch 2+ refuse; Elasticsearch
+    5 and 6 need them (and 5 refuses the type "_doc"). 7 still takes typed URLs, deprecated."""
+    major = parse_id(version.split(".", 1)[0])
+    if major is None:
+        return None  # version unknown: nothing to compare
+    typed = es_major_version in (5, 6)
+    if flavour == "opensearch":
+        refused = typed and major >= 2
+    else:
+        refused = (typed and major >= 8) or (not typed and major <= 6) or (es_major_version, major) == (6, 5)
+    if not refused:
+        return None
+    return "esMajorVersion %d does not fit this server (its requests would be refused): set %d" % (
+        es_major_version, major)
 
 
 def unchecked(answer: Response, identity: str, index: str) -> tuple[bool, str]:
@@ -1011,14 +1076,17 @@ def check_all(clients: list[Client], now: float, show: Callable[[str], None]) ->
     started = time.monotonic()
     contexts = prepare_tls(clients)
     moment = time.gmtime(now)
-    results: list[tuple[bool, str]] = [(False, "timeout")] * len(clients)
+    results = [(False, client.server, "timeout") for client in clients]  # (ok, node, text)
 
     def run(position: int, client: Client) -> None:
         opener = build_opener(client, contexts.get(client.tls_settings()))
         try:
-            results[position] = check_client(client, opener, expand_index(client.index_pattern, moment))
+            base, root = first_answer(client, opener)
+            index = expand_index(client.index_pattern, moment)
+            ok, text = check_client(client, opener, base, root, index)
+            results[position] = (ok, base, text)
         except Exception as error:  # noqa: BLE001
-            results[position] = (False, "internal error: %s" % error.__class__.__name__)
+            results[position] = (False, client.server, "internal error: %s" % error.__class__.__name__)
 
     threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(clients)]
     for thread in threads:
@@ -1026,9 +1094,11 @@ def check_all(clients: list[Client], now: float, show: Callable[[str], None]) ->
     for thread, client in zip(threads, clients):
         requests = len(client.urls) + 2  # GET / per node until one answers, two questions more
         thread.join(max(started + client.timeout * requests + JOIN_MARGIN - time.monotonic(), 0))
-    for client, (ok, text) in zip(clients, results):
-        show(redact("%-5s %s  %s" % ("ok" if ok else "FAIL", client.server, text), client.secrets))
-    return all(ok for ok, _ in results)
+    if not clients:
+        show("FAIL  no server configured: nothing to check (\"clients\" is empty)")
+    for client, (ok, node, text) in zip(clients, results):
+        show(redact("%-5s %s  %s" % ("ok" if ok else "FAIL", node, text), client.secrets))
+    return bool(clients) and all(ok for ok, _, _ in results)
 
 
 # ============================================================================ Service mode
@@ -1058,8 +1128,8 @@ def listen(port: int) -> Any | None:
         else:
             server = socket.create_server(("", port))
     except OSError as error:
-        log("port %d unavailable (%s): health check not answered, tracking goes on"
-            % (port, error.strerror or error))
+        reason = os.strerror(error.errno) if error.errno else str(error)  # not the address again
+        log("port %d unavailable (%s): health check not answered, tracking goes on" % (port, reason))
         return None
 
     def accept_forever() -> None:
@@ -1133,8 +1203,11 @@ def parse_arguments(argv: list[str]) -> Arguments | str:
             setattr(arguments, FLAGS[item], True)
         elif item == "--config" or item.startswith("--config="):
             arguments.config = item[9:] if "=" in item else next(items, None)
-            if not arguments.config:
+            if not arguments.config or arguments.config.startswith("-"):
                 raise UsageError("--config needs a PATH")
+            if arguments.config.lstrip()[:1] in ("{", "["):  # never echoed: it may hold secrets
+                raise UsageError("--config takes a file path; inline JSON goes in $%s"
+                                 % CONFIGURATION_VARIABLE)
         elif item == "--":
             arguments.template.extend(items)
         elif item.startswith("-") and len(item) > 1:
@@ -1143,6 +1216,8 @@ def parse_arguments(argv: list[str]) -> Arguments | str:
             arguments.template.append(item)
     if len(arguments.template) not in (0, 2):
         raise UsageError("expected TEMPLATE_NAME TEMPLATE_VERSION, or neither")
+    if not all(item.strip() for item in arguments.template):
+        raise UsageError("TEMPLATE_NAME and TEMPLATE_VERSION cannot be empty")
     if arguments.check and (arguments.dry_run or arguments.service):
         raise UsageError("--check goes alone (not with --dry-run or --service)")
     return arguments
@@ -1164,7 +1239,7 @@ def read_configuration(option: str | None, environ: Environ) -> tuple[str | None
             return None, "no configuration"
         source = path
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a BOM some editors write
             return handle.read(), source
     except OSError as error:
         raise ConfigError(source, "cannot read: %s" % error.strerror) from None
@@ -1175,11 +1250,11 @@ def read_configuration(option: str | None, environ: Environ) -> tuple[str | None
 def template_arguments(arguments: Arguments, environ: Environ) -> tuple[str, str]:
     if arguments.template:
         return arguments.template[0], arguments.template[1]
-    name = environ.get(TEMPLATE_NAME_VARIABLE, "")
-    version = environ.get(TEMPLATE_VERSION_VARIABLE, "")
+    name = environ.get(TEMPLATE_NAME_VARIABLE, "").strip()
+    version = environ.get(TEMPLATE_VERSION_VARIABLE, "").strip()
     if not name or not version:
-        raise ConfigError("", "missing TEMPLATE_NAME TEMPLATE_VERSION (arguments, or $%s and $%s)"
-                          % (TEMPLATE_NAME_VARIABLE, TEMPLATE_VERSION_VARIABLE))
+        raise UsageError("missing TEMPLATE_NAME TEMPLATE_VERSION (arguments, or $%s and $%s)"
+                         % (TEMPLATE_NAME_VARIABLE, TEMPLATE_VERSION_VARIABLE))
     return name, version
 
 
@@ -1202,14 +1277,25 @@ def dry_run_report(clients: list[Client], document: dict[str, Json], identifier:
     return {"document": document, "requests": requests}
 
 
+def log_usage_error(error: UsageError) -> None:
+    log("usage error: %s" % error)
+    log(USAGE + " (more: --help)")
+
+
 def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
     environ = os.environ if environ is None else environ
+    argv = sys.argv[1:] if argv is None else argv
+    usage_problem = None
     try:
-        arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+        arguments = parse_arguments(argv)
     except UsageError as error:
-        log("usage error: %s" % error)
-        log(USAGE + " (more: --help)")
-        return 2
+        log_usage_error(error)
+        if "--service" not in argv:
+            return 2
+        # A service that exits makes the runner wait for its port in every job (say, an older
+        # image given a newer template's option): listen, send nothing, idle.
+        usage_problem, arguments = error, Arguments()
+        arguments.service = True
     if isinstance(arguments, str):  # --help or --version
         show(arguments)
         return 0
@@ -1231,7 +1317,7 @@ def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
             listener = listen(port)  # the runner's health check is waiting
             if listener is not None:
                 debug("service mode: listening on port %d" % port)
-        code = run(arguments, environ, info, debug)
+        code = run(arguments, environ, info, debug) if usage_problem is None else 0
         if arguments.service:
             idle_forever()
         return code
@@ -1283,8 +1369,11 @@ def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
             (info if outcome.delivered else log)(outcome.line())
 
         outcomes = deliver_all(clients, document, identifier, now, report, debug)
-    except ConfigError as error:
-        log("configuration error: %s" % error)
+    except (ConfigError, UsageError) as error:
+        if isinstance(error, UsageError):
+            log_usage_error(error)
+        else:
+            log("configuration error: %s" % error)
         if arguments.service:
             return 0  # the job goes on; the service idles
         return 2

@@ -276,10 +276,13 @@ class Blackhole:
 
 
 class Trickle(Blackhole):
-    """Reads the request, then answers one byte every `pace` seconds, for ever."""
+    """Reads the request, then answers one byte every `pace` seconds, for ever.
 
-    def __init__(self, pace: float = 0.2) -> None:
+    head: bytes sent at once first (a whole "201 Created" status and headers, say)."""
+
+    def __init__(self, pace: float = 0.2, head: bytes = b"") -> None:
         self.pace = pace
+        self.head = head
         super().__init__()
 
     def _serve(self, connection: socket.socket) -> None:
@@ -287,8 +290,11 @@ class Trickle(Blackhole):
 
     def _trickle(self, connection: socket.socket) -> None:
         answer = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nX-Padding: " + b"." * 10000
+        if self.head:
+            answer = b" " * 100000  # the rest of the body
         try:
             connection.recv(65536)
+            connection.sendall(self.head)
             for byte in answer:
                 if self.stop.wait(self.pace):
                     return

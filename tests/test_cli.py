@@ -67,11 +67,14 @@ def test_help_lists_every_option_and_the_exit_codes():
         assert option in result.stdout
 
 
-@pytest.mark.parametrize("args", [("--bogus",), ("maven",), ("a", "b", "c"), ("--check", "--dry-run")])
+@pytest.mark.parametrize("args", [("--bogus",), ("maven",), ("a", "b", "c"), ("--check", "--dry-run"),
+                                  ("", "1.0"), ("maven", " "), ("--dry-run",), ("--config",),
+                                  ("--config", "--dry-run", "maven", "1")])
 def test_usage_errors_exit_2(args):
     result = run_probe(*args)
     assert result.returncode == 2
-    assert "usage:" in result.stderr
+    assert result.stderr.startswith("tracking: usage error: ")
+    assert "usage: python tracking.py" in result.stderr
 
 
 def test_no_configuration_sends_nothing_and_exits_0():
@@ -153,6 +156,36 @@ def test_check_goes_on_when_the_root_is_forbidden_or_absent(standin, tmp_path, s
     result = check(tmp_path, {"url": standin.url, "authentication": basic_auth()})
     assert result.returncode == 0, result.stdout
     assert "elasticsearch version unknown" in result.stdout and "can write" in result.stdout
+
+
+@pytest.mark.parametrize(("flavour", "version", "configured", "problem"), [
+    ("elasticsearch", "8.15.0", 6, "set 8"),
+    ("elasticsearch", "9.2.4", 5, "set 9"),
+    ("opensearch", "2.19.1", 6, "set 2"),
+    ("elasticsearch", "6.8.23", 7, "set 6"),
+    ("elasticsearch", "5.6.16", 6, "set 5"),
+    ("elasticsearch", "8.15.0", 7, None),  # the same requests as 8
+    ("elasticsearch", "7.17.29", 6, None),  # typed URLs still work on 7 (deprecated)
+    ("elasticsearch", "6.8.23", 5, None),
+    ("opensearch", "1.3.20", 6, None),
+    ("opensearch", "3.8.0", 7, None),
+    ("elasticsearch", "version unknown", 6, None),
+])
+def test_version_problem_table(flavour, version, configured, problem):
+    found = tracking.version_problem(flavour, version, configured)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and "esMajorVersion %d does not fit" % configured in found
+        assert found.endswith(problem)
+
+
+def test_check_fails_when_es_major_version_does_not_fit_the_server(standin, tmp_path):
+    result = check(tmp_path, {"url": standin.url, "esMajorVersion": 6})
+    assert result.returncode == 1
+    assert result.stdout.startswith("FAIL ")
+    assert "elasticsearch 8.15.0" in result.stdout
+    assert "esMajorVersion 6 does not fit this server (its requests would be refused): set 8" in result.stdout
 
 
 def test_check_fails_on_something_that_is_not_a_search_server(standin, tmp_path):
@@ -256,3 +289,16 @@ def test_output_is_utf8_whatever_the_locale(tmp_path):
                             capture_output=True, timeout=30, check=False)
     assert result.returncode == 0
     assert json.loads(result.stdout.decode("utf-8"))["document"]["ci"]["job"]["name"] == "déploiement ✓"
+
+
+def test_check_names_the_node_that_answered(standin, tmp_path):
+    dead = "http://127.0.0.1:%d" % unused_port()
+    result = check(tmp_path, {"urls": [dead, standin.url], "timeout": 2})
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.startswith("ok    %s  elasticsearch 8.15.0" % standin.url)
+
+
+def test_check_of_an_empty_configuration_fails(tmp_path):
+    result = check(tmp_path)
+    assert result.returncode == 1
+    assert result.stdout.startswith("FAIL  no server configured")

@@ -66,7 +66,14 @@ def one(client: dict, **environ: str) -> tracking.Client:
     ({"clients": [{"url": "http://h", "clientCertificate": "c.pem"}]},
      'clients[0]: "clientCertificate" and "clientKey" go together'),
     ({"clients": [{"url": "http://h", "proxy": "proxy:3128"}]}, "clients[0].proxy: expected an http://"),
-    ({"clients": [{"url": "http://h", "proxy": "https://proxy:3128"}]}, "clients[0].proxy: expected an http://"),
+    ({"clients": [{"url": "http://h", "proxy": "https://proxy:3128"}]},
+     "clients[0].proxy: expected http://[user:password@]host[:port]"),
+    ({"clients": [{"url": "http://h", "proxy": "http://proxy:3128/path"}]},
+     "clients[0].proxy: expected http://[user:password@]host[:port]"),
+    ({"clients": [{"url": "http://h/my index"}]}, "clients[0].url: a URL cannot contain spaces"),
+    ({"clients": [{"urls": ["http://h", "http://h\t2"]}]}, "clients[0].urls[1]: a URL cannot contain spaces"),
+    ({"clients": [{"url": "http://h", "timeout": 7200}]},
+     "clients[0].timeout: expected a number of seconds above 0 and at most 3600, got 7200"),
     ({"clients": [{"url": "http://h", "caCertificate": ["x"]}]},
      "clients[0].caCertificate: expected a string, got an array"),
     ({"clients": [{"url": "http://h", "index": "${NOPE}"}]},
@@ -258,6 +265,14 @@ def test_a_configuration_that_is_not_utf8_is_a_configuration_error(tmp_path):
     result = run_probe("maven", "1", "--config", str(path))
     assert result.returncode == 2, result.stderr
     assert "configuration error" in result.stderr and "UTF-8" in result.stderr
+
+
+def test_a_configuration_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"clients": [{"url": "http://h", "indexPrefix": "bom-"}]}')
+    result = run_probe("--dry-run", "maven", "1", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["requests"][0]["index"].startswith("bom-ci-job-")
 
 
 def test_absurdly_nested_json_is_a_configuration_error(tmp_path):

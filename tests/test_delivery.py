@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import run_probe, unused_port, write_config
+from conftest import Trickle, run_probe, unused_port, write_config
 
 import tracking
 
@@ -56,6 +56,16 @@ def test_client_errors_are_not_retried_and_their_reason_is_logged(standin, tmp_p
     assert len(standin.puts()) == 1
     assert "failed status=%d attempts=1" % status in result.stderr
     assert "error=%s" % kind in result.stderr
+
+
+def test_a_path_of_another_version_is_blamed_on_es_major_version(standin, tmp_path):
+    # What Elasticsearch 8 answers to the typed URL esMajorVersion 6 makes.
+    standin.respond_with((400, {"error": "no handler found for uri [/i/_doc/x/_create] and method [PUT]",
+                                "status": 400}, {}))
+    result, _ = deliver_to(tmp_path, {"url": standin.url, "esMajorVersion": 6})
+    assert len(standin.puts()) == 1
+    assert "error=no handler found for uri" in result.stderr
+    assert "(does esMajorVersion 6 fit this server? --check tells)" in result.stderr
 
 
 def test_strict_turns_a_failure_into_exit_1(standin, tmp_path):
@@ -181,6 +191,38 @@ def test_a_blackholed_node_does_not_take_the_other_nodes_turn(standin, blackhole
     assert "tracking: %s index=" % standin.url in result.stderr
     assert "delivered status=201 attempts=2" in result.stderr
     assert elapsed < 3 + 2.0
+
+
+def test_a_trickling_node_does_not_take_the_other_nodes_turn(standin, trickle, tmp_path):
+    result, elapsed = deliver_to(tmp_path, {"urls": [trickle.url, standin.url], "timeout": 2},
+                                 args=("--strict",))
+    assert result.returncode == 0, result.stderr
+    assert len(standin.documents) == 1
+    assert "tracking: %s index=" % standin.url in result.stderr
+    assert "delivered status=201 attempts=2" in result.stderr
+    delivered_ms = int(result.stderr.split("ms=")[1].split()[0])
+    assert 900 <= delivered_ms < 2000  # the trickling node had its half of the budget, no more
+
+
+def test_a_201_whose_body_trickles_is_delivered(tmp_path):
+    head = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 100001\r\n\r\n{"
+    server = Trickle(head=head)
+    try:
+        result, elapsed = deliver_to(tmp_path, {"url": server.url, "timeout": 2}, args=("--strict",))
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    assert "delivered status=201 attempts=1" in result.stderr
+    assert elapsed < 2  # it did not wait for the body
+
+
+def test_a_timeout_is_reported_within_the_budget_and_its_margin(blackhole, tmp_path):
+    result, _ = deliver_to(tmp_path, {"url": blackhole.url, "timeout": 1})
+    (line,) = result.stderr.strip().splitlines()
+    assert "error=timeout" in line
+    ms = int(line.split("ms=")[1].split()[0])
+    # measured by the probe itself: the budget, plus its join margin, plus scheduling slack
+    assert 1000 <= ms <= 1000 + tracking.JOIN_MARGIN * 1000 + 250, line
 
 
 def test_each_client_is_held_to_its_own_budget(trickle, blackhole, tmp_path):

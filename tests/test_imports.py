@@ -9,7 +9,7 @@ import sys
 from conftest import ROOT, TRACKING, probe_env
 
 HEAVY = {"logging", "dataclasses", "concurrent.futures", "concurrent", "http.server", "typing",
-         "uuid", "asyncio", "socketserver", "subprocess", "argparse"}
+         "uuid", "asyncio", "socketserver", "subprocess", "argparse", "queue"}
 
 
 def imported_modules(*args: str) -> set[str]:

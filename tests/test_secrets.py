@@ -86,3 +86,41 @@ def test_a_proxy_password_is_a_secret_even_without_a_user_name(userinfo):
     [client] = tracking.load_configuration(text, {}, "test", lambda _: None)
     assert SECRET in client.secrets
     assert "proxyuser" not in client.secrets
+
+
+@pytest.mark.parametrize("password", ["p@ss-%s" % SECRET, "%s@x" % SECRET])
+def test_a_proxy_password_holding_an_at_sign_is_masked(standin, tmp_path, password):
+    config = write_config(tmp_path, {"url": standin.url, "proxy": "http://u:%s@127.0.0.1:1" % password})
+    result = run_probe("--dry-run", "maven", "1", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert '"proxy": "http://***@127.0.0.1:1"' in result.stdout
+    assert_clean(result.stdout, result.stderr)
+    assert "p@ss" not in result.stdout
+
+
+def test_a_url_broken_by_an_unencoded_slash_in_its_password_is_refused_without_echo(tmp_path):
+    for client in ({"url": "http://u:pass/%s@h" % SECRET},
+                   {"url": "http://h", "proxy": "http://u:pass/%s@127.0.0.1:1" % SECRET}):
+        result = run_probe("--dry-run", "maven", "1", "--config", write_config(tmp_path, client))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "configuration error: clients[0]." in result.stderr
+        assert_clean(result.stdout, result.stderr)
+
+
+def test_inline_json_given_to_config_is_refused_without_echo():
+    inline = '{"clients": [{"url": "http://tracking:%s@h"}]}' % SECRET
+    for args in (("--config", inline), ("--config=" + inline,)):
+        result = run_probe(*args, "maven", "1")
+        assert result.returncode == 2
+        assert "--config takes a file path" in result.stderr
+        assert_clean(result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize(("key", "value"), [("timeout", "${ES_PASSWORD}"), ("esMajorVersion", "${ES_PASSWORD}"),
+                                            ("indexPrefix", "${ES_PASSWORD}/")])
+def test_errors_about_a_value_taken_from_a_variable_do_not_echo_it(tmp_path, key, value):
+    config = write_config(tmp_path, {"url": "http://h", key: value})
+    result = run_probe("--dry-run", "maven", "1", "--config", config, env=probe_env(ES_PASSWORD=SECRET))
+    assert result.returncode == 2
+    assert "configuration error: clients[0].%s" % key in result.stderr
+    assert_clean(result.stdout, result.stderr)

@@ -146,7 +146,8 @@ def test_a_taken_port_is_one_log_line_and_tracking_goes_on(services, standin, tm
         config = write_config(tmp_path, {"url": standin.url})
         service = services("maven", "1", "--config", config, env=probe_env(TRACKING_SERVICE_PORT=str(port)))
         line = service.wait_for_line("port %d unavailable" % port)
-        assert "tracking goes on" in line
+        assert line.strip() == ("tracking: port %d unavailable (Address already in use): health check "
+                                "not answered, tracking goes on" % port)
         service.wait_for_line("delivered status=201")
         assert len(standin.documents) == 1
         assert service.stop()[0] == 0
@@ -187,5 +188,23 @@ def test_a_port_variable_that_is_not_a_port_is_warned_and_the_next_one_used(serv
     env = probe_env(HEALTHCHECK_TCP_PORT="http", TRACKING_SERVICE_PORT=str(port))
     service = services("maven", "1", "--config", write_config(tmp_path, {"url": standin.url}), env=env)
     service.wait_for_line('$HEALTHCHECK_TCP_PORT="http" is not a TCP port')
+    assert port_answers(port)
+    assert service.stop()[0] == 0
+
+
+@pytest.mark.parametrize("args", [("maven",), ("maven", "1", "--option-of-a-newer-template")])
+def test_a_usage_error_in_service_mode_is_logged_and_the_service_idles(services, standin, args):
+    port = unused_port()
+    service = services(*args, env=probe_env(TRACKING_SERVICE_PORT=str(port)))
+    service.wait_for_line("usage error:")
+    assert port_answers(port)  # the runner's health check still passes
+    assert service.process.poll() is None
+    assert service.stop()[0] == 0
+
+
+def test_a_service_without_any_template_logs_a_usage_error_and_idles(services):
+    port = unused_port()
+    service = services(env=probe_env(TRACKING_SERVICE_PORT=str(port)))
+    service.wait_for_line("usage error: missing TEMPLATE_NAME TEMPLATE_VERSION")
     assert port_answers(port)
     assert service.stop()[0] == 0
