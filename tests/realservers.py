@@ -18,11 +18,10 @@ Usage::
         server.version      # "8.19.21"
         server.ca_path      # PEM file of the CA that signed the HTTP cert (None without tls)
         server.admin_auth   # ("tracking-admin", "<password>") with security, else None
-        server.users["tracking_writer"]   # (user, password): create_doc + auto_configure on tracking-writer-*
-        server.users["tracking_create_doc"]  # (user, password): create_doc only, same indices
-        server.users["tracking_reader"]   # (user, password): read on tracking-reader-*, no write
-        server.service_token              # Bearer token (elastic/fleet-server: writes logs-*)
-        server.create_api_key("probe", {...})   # encoded API key (security on Elasticsearch 8, 9)
+        # Through the security API (security on Elasticsearch 8 and 9):
+        user, password = server.create_user({"indices": [...]})   # a role and its user
+        server.create_api_key("probe", {...})   # encoded API key
+        server.create_service_token()           # Bearer token of elastic/fleet-server (writes logs-*)
         status, body = server.request("GET", "/_cluster/health")   # admin auth by default
         server.client_config()   # a tracking.py "clients" entry pointing at this server
     finally:
@@ -45,8 +44,8 @@ Limits of the integ-test zips (they hold only a few modules):
   index (400 "Unknown filter type [pattern_capture]"): with security, a test-only plugin
   built from tests/esplugin/ (javac of the server's JDK against the zip's own lib/, then
   cached in the unpacked directory) registers the three components that index needs,
-  so API keys work (Server.create_api_key); users, roles (TEST_ROLES) and a service
-  token are still written offline into the file realm, which needs no JVM start;
+  so native users, roles, API keys and service tokens can be stored: the tests create
+  them through the security API (only the bootstrap admin is written into the file realm);
 - Elasticsearch 8.9 and later lack the rest-root module: GET / answers 405
   (8.8.2 is the newest 8.x zip that still answers it).
 
@@ -105,22 +104,7 @@ MAVEN_COORDINATES = {
     OPENSEARCH: "org.opensearch.distribution.integ-test-zip:opensearch",
 }
 
-ADMIN_USER = "tracking-admin"
-# File-realm roles every secured Elasticsearch gets, each with a user of the same name
-# (underscores become dashes): Server.users["tracking_writer"] -> (user, password).
-TEST_ROLES = {
-    # Least privilege for the probe: create documents, and create the monthly index when it
-    # is missing (auto_configure), no read, no cluster privilege.
-    "tracking_writer": {"indices": [{"names": ["tracking-writer-*"],
-                                     "privileges": ["create_doc", "auto_configure"]}]},
-    # create_doc alone: enough for an index that exists, refused (403) for a missing one.
-    "tracking_create_doc": {"indices": [{"names": ["tracking-writer-*"], "privileges": ["create_doc"]}]},
-    # Can read and monitor, cannot write.
-    "tracking_reader": {"cluster": ["monitor"],
-                        "indices": [{"names": ["tracking-reader-*"], "privileges": ["read"]}]},
-}
-# The elastic/fleet-server service account may write "logs-*" indices: a real Bearer token.
-SERVICE_TOKEN_INDEX_PREFIX = "logs-"
+ADMIN_USER = "tracking-admin"  # the one file-realm user: it creates the others
 HEAP_OPTIONS = "-Xms512m -Xmx512m"
 START_TIMEOUT = 180  # seconds; a cold JVM start on 2 busy cores takes 20-60 s
 STOP_TIMEOUT = 20  # seconds between SIGTERM and SIGKILL
@@ -421,8 +405,6 @@ class Server:
         self.log_path = log_path
         self.security = admin_auth is not None
         self.tls = ca_path is not None
-        self.users = {}  # role name -> (user, password), see TEST_ROLES
-        self.service_token = None  # Bearer token of elastic/fleet-server (writes "logs-*")
         self.leftovers = []  # launcher temp dirs to delete at stop
 
     def __repr__(self):
@@ -477,6 +459,27 @@ class Server:
         if status != 200:
             raise RuntimeError(f"could not create API key {name!r}: {status} {answer}")
         return answer["encoded"]
+
+    def create_user(self, role_descriptor):
+        """Create a role and a user holding only it, through the security API, as the admin.
+
+        Returns (user, password). Names are fresh, so tests never share accounts."""
+        name = "tracking-" + os.urandom(5).hex()
+        password = "pw-" + os.urandom(9).hex()
+        for path, body in ((f"/_security/role/{name}", role_descriptor),
+                           (f"/_security/user/{name}", {"password": password, "roles": [name]})):
+            status, answer = self.request("PUT", path, body, timeout=60)
+            if status != 200:
+                raise RuntimeError(f"PUT {path}: {status} {answer}")
+        return name, password
+
+    def create_service_token(self):
+        """A Bearer token of the elastic/fleet-server service account (it may write logs-*)."""
+        path = f"/_security/service/elastic/fleet-server/credential/token/t{os.urandom(5).hex()}"
+        status, answer = self.request("POST", path, timeout=60)
+        if status != 200:
+            raise RuntimeError(f"POST {path}: {status} {answer}")
+        return answer["token"]["value"]
 
     def client_config(self, **extra):
         """A tracking.py `clients` entry for this server (admin auth, CA when tls)."""
@@ -598,7 +601,7 @@ def _chown_tree(path, owner):
             os.chown(os.path.join(directory, name), uid, gid)
 
 
-def _pbkdf2_hash(secret, prefix="{PBKDF2}"):
+def _pbkdf2_hash(secret):
     """A password hash in Elasticsearch's own {PBKDF2} format (10000 rounds of HMAC-SHA512).
 
     Written here, checked against `elasticsearch-users` output: saves a JVM start per user.
@@ -606,38 +609,20 @@ def _pbkdf2_hash(secret, prefix="{PBKDF2}"):
     salt = os.urandom(32)
     digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, 10000, 32)
     encode = base64.b64encode
-    return f"{prefix}10000${encode(salt).decode()}${encode(digest).decode()}"
+    return f"{{PBKDF2}}10000${encode(salt).decode()}${encode(digest).decode()}"
 
 
 def _create_file_realm(config_dir, admin_auth):
-    """Write the admin, one user per TEST_ROLES role and a service token into config/.
+    """Write the admin (a superuser) into the file realm, before the start.
 
-    File realm and file roles rather than the security API: written before the start,
-    they cost no request and do not depend on the .security index (see
-    install_security_analysis). Returns ({role: (user, password)}, service token).
+    Someone must exist before the security API can be called: this is the bootstrap
+    account (what elasticsearch-reset-password gives a real cluster). Every other user,
+    role, API key and token is created through the security API (Server.create_user...).
     """
-    accounts = [(admin_auth[0], admin_auth[1], "superuser")]
-    users = {}
-    for role in TEST_ROLES:
-        name = role.replace("_", "-")
-        users[role] = (name, name + "-" + os.urandom(6).hex())
-        accounts.append((*users[role], role))
-
-    def append(file_name, lines):
-        with open(os.path.join(config_dir, file_name), "a", encoding="utf-8") as handle:
-            handle.writelines(line + "\n" for line in lines)
-
-    append("roles.yml", [f"{name}: {json.dumps(descriptor)}" for name, descriptor in TEST_ROLES.items()])
-    append("users", [f"{name}:{_pbkdf2_hash(password)}" for name, password, _ in accounts])
-    append("users_roles", [f"{role}:{name}" for name, _, role in accounts])
-    # A service token is base64url(00 01 00 01 "elastic/fleet-server/<name>:<secret>"); the file
-    # keeps a PBKDF2_STRETCH hash (PBKDF2 of the secret's SHA-512 hex), as the CLI writes it.
-    account = "elastic/fleet-server/tracking-probe"
-    secret = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
-    token = base64.urlsafe_b64encode(b"\x00\x01\x00\x01" + f"{account}:{secret}".encode())
-    stretched = hashlib.sha512(secret.encode()).hexdigest()
-    append("service_tokens", [f"{account}:{_pbkdf2_hash(stretched, '{PBKDF2_STRETCH}')}"])
-    return users, token.decode().rstrip("=")
+    with open(os.path.join(config_dir, "users"), "a", encoding="utf-8") as users:
+        users.write(f"{admin_auth[0]}:{_pbkdf2_hash(admin_auth[1])}\n")
+    with open(os.path.join(config_dir, "users_roles"), "a", encoding="utf-8") as roles:
+        roles.write(f"superuser:{admin_auth[0]}\n")
 
 
 def start_server(flavour, version, security=False, tls=False, start_timeout=START_TIMEOUT, _attempt=1):
@@ -683,11 +668,9 @@ def start_server(flavour, version, security=False, tls=False, start_timeout=STAR
     if tls:
         ca_path = make_certificates(config_dir)
     admin_auth = None
-    users = {}
-    service_token = None
     if security:
         admin_auth = (ADMIN_USER, "admin-" + os.urandom(9).hex())
-        users, service_token = _create_file_realm(config_dir, admin_auth)
+        _create_file_realm(config_dir, admin_auth)
     _chown_tree(workdir, owner)  # last: the server writes its keystore and data in there
 
     arguments = [os.path.join(install_dir, "bin", flavour)]
@@ -703,8 +686,6 @@ def start_server(flavour, version, security=False, tls=False, start_timeout=STAR
     scheme = "https" if tls else "http"
     server = Server(flavour, version, f"{scheme}://127.0.0.1:{port}", process, workdir,
                     ca_path, admin_auth, log_path)
-    server.users = users
-    server.service_token = service_token
     _RUNNING.append(server)
     _stop_on_sigterm()
     try:

@@ -9,6 +9,7 @@ Run: python -m pytest -m integration tests/test_real_servers.py
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -293,12 +294,13 @@ def writer_key(server, prefix):
 
 def test_basic_auth_api_key_and_bearer_token_all_deliver(secure_es, prefix):
     api_key = writer_key(secure_es, "apikey-" + prefix)
+    service_token = secure_es.create_service_token()
     env = job_env([
         secure_es.client_config(indexPrefix=prefix),  # Basic, the admin user
         secure_es.client_config(indexPrefix="apikey-" + prefix, authentication={"apiKey": api_key}),
         # elastic/fleet-server may write logs-*
         secure_es.client_config(indexPrefix="logs-" + prefix,
-                                authentication={"bearerToken": secure_es.service_token}),
+                                authentication={"bearerToken": service_token}),
     ])
     plan = dry_run(env)
 
@@ -306,7 +308,7 @@ def test_basic_auth_api_key_and_bearer_token_all_deliver(secure_es, prefix):
 
     assert result.returncode == 0, result.stderr
     assert len([line for line in log_lines(result.stderr) if "delivered status=201" in line]) == 3
-    for secret in (api_key, secure_es.service_token, secure_es.admin_auth[1]):
+    for secret in (api_key, service_token, secure_es.admin_auth[1]):
         assert secret not in result.stderr + result.stdout
     for request in plan["requests"]:
         read_document(secure_es, request["index"], request["documentId"])
@@ -338,6 +340,7 @@ def test_least_privilege_api_key_writes_but_cannot_read_or_stray(secure_es, pref
 
 def test_wrong_password_fails_open_and_strict_fails(es8, prefix):
     wrong = {"username": es8.admin_auth[0], "password": "Wr0ng-pa55word-x7"}
+    basic = base64.b64encode(f"{wrong['username']}:{wrong['password']}".encode()).decode()
     env = job_env([es8.client_config(indexPrefix=prefix, authentication=wrong)])
 
     lenient = run_tracking("maven", "4.2.0", env=env)
@@ -348,15 +351,16 @@ def test_wrong_password_fails_open_and_strict_fails(es8, prefix):
     for result in (lenient, strict):
         (line,) = log_lines(result.stderr)
         assert "failed status=401" in line
-        assert "security_exception" in line
-        assert wrong["password"] not in result.stderr + result.stdout
-        assert es8.admin_auth[1] not in result.stderr + result.stdout
+        # the server's own reason, e.g. "security_exception: unable to authenticate user [...]"
+        assert "security_exception: unable to authenticate user" in line, line
+        for secret in (wrong["password"], basic, es8.admin_auth[1]):
+            assert secret not in result.stderr + result.stdout
 
 
-def test_least_privilege_role_delivers_and_check_says_can_write(secure_es8):
+def test_least_privilege_role_delivers_and_check_says_can_write(secure_es8, prefix):
     """create_doc + auto_configure, no read: the role we document for the probe."""
-    prefix = f"tracking-writer-{secrets.randbelow(10**9)}-"
-    user, password = secure_es8.users["tracking_writer"]
+    user, password = secure_es8.create_user(
+        {"indices": [{"names": [f"{prefix}*"], "privileges": ["create_doc", "auto_configure"]}]})
     env = job_env([secure_es8.client_config(
         indexPrefix=prefix, authentication={"username": user, "password": password})])
     request = dry_run(env)["requests"][0]
@@ -377,13 +381,14 @@ def test_least_privilege_role_delivers_and_check_says_can_write(secure_es8):
     assert password not in checked.stdout + checked.stderr
 
 
-def test_create_doc_alone_writes_only_into_an_existing_index(es8):
-    """Without auto_configure (or create_index) the first job of a month gets 403."""
-    prefix = f"tracking-writer-{secrets.randbelow(10**9)}-"
-    user, password = es8.users["tracking_create_doc"]
+def test_create_doc_alone_writes_only_into_an_existing_index(es8, prefix):
+    """Only create_doc on <prefix>*, no read: delivers, but into an index that exists (without
+    auto_configure or create_index the first job of a month gets 403)."""
+    user, password = es8.create_user({"indices": [{"names": [f"{prefix}*"], "privileges": ["create_doc"]}]})
     env = job_env([es8.client_config(
         indexPrefix=prefix, authentication={"username": user, "password": password})])
-    index = dry_run(env)["requests"][0]["index"]
+    request = dry_run(env)["requests"][0]
+    index = request["index"]
 
     missing = run_tracking("--strict", "maven", "4.2.0", env=env)
     status, body = es8.request("PUT", f"/{index}")  # the admin creates this month's index
@@ -395,14 +400,17 @@ def test_create_doc_alone_writes_only_into_an_existing_index(es8):
     assert "failed status=403" in line and "security_exception" in line and "auto_create" in line, line
     assert existing.returncode == 0, existing.stderr
     assert "delivered status=201" in existing.stderr
-    checked = run_tracking("--check", env=env)  # the issue's least-privilege role: only create_doc
+    read_document(es8, index, request["documentId"])  # as admin
+    status, _ = es8.request("GET", f"/{index}/_doc/{request['documentId']}", auth=(user, password))
+    assert status == 403  # the role really cannot read
+    checked = run_tracking("--check", env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.startswith("ok ") and "can write (to an existing index only" in checked.stdout
 
 
-def test_role_without_write_fails_check(secure_es8):
-    prefix = f"tracking-reader-{secrets.randbelow(10**9)}-"
-    user, password = secure_es8.users["tracking_reader"]
+def test_role_without_write_fails_check(secure_es8, prefix):
+    user, password = secure_es8.create_user(
+        {"cluster": ["monitor"], "indices": [{"names": [f"{prefix}*"], "privileges": ["read"]}]})
     env = job_env([secure_es8.client_config(
         indexPrefix=prefix, authentication={"username": user, "password": password})])
 
@@ -426,6 +434,11 @@ def test_wrong_major_version_is_reported(es8, prefix):
     (line,) = log_lines(strict.stderr)
     assert "failed status=400" in line, line
     assert "no handler found for uri" in line, line
+    assert "does esMajorVersion 6 fit this server?" in line, line
+    checked = run_tracking("--check", env=env)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert checked.stdout.startswith("FAIL ") and "elasticsearch 8.19.21" in checked.stdout, checked.stdout
+    assert "esMajorVersion 6 does not fit this server" in checked.stdout and "set 8" in checked.stdout
 
 
 # ---------------------------------------------------------------- HTTPS
