@@ -296,13 +296,15 @@ def test_service_delivers_to_a_real_opensearch(image: str) -> None:
         pytest.skip("no real server: %s" % reason)
     server = realservers.start_server(flavour, version)
     try:
+        port = free_port()
         env = dict(JOB_ENV, TRACKING_CONFIGURATION=json.dumps({"clients": [server.client_config()]}),
-                   HEALTHCHECK_TCP_PORT=str(free_port()))  # fmt: skip
+                   HEALTHCHECK_TCP_PORT=str(port))  # fmt: skip
         dry = podman("run", "--rm", "--network=host", *env_args(env), image, "--dry-run", "gradle", "8.0.0")
         planned = json.loads(dry.stdout)["requests"][0]
         service = Service(image, env, ["--service", "gradle", "8.0.0"])
         try:
             service.wait_for_log("delivered status=201")
+            assert port_answers(port), "the service port does not answer"
             status, body = server.request("GET", "/%s/_doc/%s" % (planned["index"], planned["documentId"]))
             assert status == 200, body
             assert body["_source"]["template"] == {"name": "gradle", "version": "8.0.0"}
