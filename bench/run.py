@@ -345,6 +345,10 @@ class Case:
         values = [r[key] for r in self.ok_runs() if r.get(key) is not None]
         return statistics.median(values) if values else None
 
+    def maximum(self, key):
+        values = [r[key] for r in self.ok_runs() if r.get(key) is not None]
+        return max(values) if values else None
+
     def quartiles(self, key):
         values = sorted(r[key] for r in self.ok_runs() if r.get(key) is not None)
         if len(values) < 4:
@@ -419,7 +423,8 @@ class Bench:
             floor.document_id(env, TEMPLATE[0]),
         )
         argv = [self.curl, *"-sS -X PUT -u bench:bench-password --max-time".split(), str(case.timeout)]
-        argv += ["-H", "Content-Type: application/json", "--data-binary", "@" + body]
+        argv += ["-H", "Content-Type: application/json", "-H", "Accept: application/json"]
+        argv += ["--data-binary", "@" + body]
         if any(s.url.startswith("https:") for s in case.servers):
             argv += ["--cacert", self.certificates["ca"], "--tlsv1.2"]
         if len(case.servers) > 1:
@@ -789,20 +794,21 @@ def report(bench, cases, blackhole, imports, image, started):
             )
     bh_case, alone, timeout = blackhole
     total = bh_case.median("exit")
+    worst = bh_case.maximum("exit")  # a bound holds for every run, not for the median
     single = alone.median("delivered")
     healthy = bh_case.median("delivered")
-    met_total = total is not None and total <= timeout + BLACKHOLE_SLACK
+    met_total = worst is not None and worst <= timeout + BLACKHOLE_SLACK
     met_healthy = (
         healthy is not None and single is not None and healthy <= max(FANOUT_TARGET * single, single + 0.05)
     )
     targets["3 blackhole"] = met_total and met_healthy
     row(
         "3",
-        "blackhole + healthy %s, timeout T = %g s: process exit" % (fan_scheme.upper(), timeout),
-        ms(total) + failures(bh_case),
+        "blackhole + healthy %s, timeout T = %g s: process exit (slowest)" % (fan_scheme.upper(), timeout),
+        "%s (%s)" % (ms(total), ms(worst)) + failures(bh_case),
         spread(bh_case, "exit"),
-        "T + %.2f s" % (total - timeout) if total else "\u2014",
-        "\u2264 T + %.1f s: %s" % (BLACKHOLE_SLACK, verdict(met_total)),
+        "T + %.2f s (T + %.2f s)" % (total - timeout, worst - timeout) if total and worst else "\u2014",
+        "slowest \u2264 T + %.1f s: %s" % (BLACKHOLE_SLACK, verdict(met_total)),
     )
     row(
         "3",
