@@ -27,7 +27,7 @@ COPY --chmod=0444 tracking.py config.jso[n] /app/
 # imports as unchecked-hash .pyc files (valid whatever the file times, so they survive COPY):
 # the import statements of tracking.py, read with ast (also those inside functions), what they
 # import in turn, and what the standard library imports lazily (host names -> encodings.idna
-# -> stringprep). tests/test_image.py checks that the probe's runs load no module from source.
+# -> stringprep; the configuration file is read as utf-8-sig -> encodings.utf_8_sig). tests/test_image.py checks that the probe's runs load no module from source.
 # -B: the imports done here leave no timestamp .pyc behind.
 USER 0
 RUN ["/usr/bin/python3.13", "-I", "-B", "-c", "\
@@ -36,7 +36,7 @@ sys.path.insert(0, '/app')\n\
 tree = ast.parse(open('/app/tracking.py', encoding='utf-8').read())\n\
 imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]\n\
 imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level]\n\
-modules = [importlib.import_module(name) for name in imported + ['encodings.idna', 'tracking']]\n\
+modules = [importlib.import_module(name) for name in imported + ['encodings.idna', 'encodings.utf_8_sig', 'tracking']]\n\
 files = sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})\n\
 mode = py_compile.PycInvalidationMode.UNCHECKED_HASH\n\
 compiled = [py_compile.compile(f, doraise=True, invalidation_mode=mode) for f in files if f.endswith('.py')]\n\

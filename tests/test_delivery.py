@@ -194,8 +194,8 @@ def test_a_blackholed_node_does_not_take_the_other_nodes_turn(standin, blackhole
 
 
 def test_a_trickling_node_does_not_take_the_other_nodes_turn(standin, trickle, tmp_path):
-    result, elapsed = deliver_to(tmp_path, {"urls": [trickle.url, standin.url], "timeout": 2},
-                                 args=("--strict",))
+    result, _ = deliver_to(tmp_path, {"urls": [trickle.url, standin.url], "timeout": 2},
+                           args=("--strict",))
     assert result.returncode == 0, result.stderr
     assert len(standin.documents) == 1
     assert "tracking: %s index=" % standin.url in result.stderr

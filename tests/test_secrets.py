@@ -116,7 +116,8 @@ def test_inline_json_given_to_config_is_refused_without_echo():
         assert_clean(result.stdout, result.stderr)
 
 
-@pytest.mark.parametrize(("key", "value"), [("timeout", "${ES_PASSWORD}"), ("esMajorVersion", "${ES_PASSWORD}"),
+@pytest.mark.parametrize(("key", "value"), [("timeout", "${ES_PASSWORD}"),
+                                            ("esMajorVersion", "${ES_PASSWORD}"),
                                             ("indexPrefix", "${ES_PASSWORD}/")])
 def test_errors_about_a_value_taken_from_a_variable_do_not_echo_it(tmp_path, key, value):
     config = write_config(tmp_path, {"url": "http://h", key: value})
