@@ -20,7 +20,7 @@ Options:
   --check               contact each server without indexing: reachability, TLS,
                         authentication, flavour and version, write privilege
   --strict              exit 1 when any server failed (default: exit 0)
-  -q, --quiet           log failures and errors only
+  -q, --quiet           log warnings, failures and errors only
   -v, --verbose         also log each attempt
   --version             print the version
   -h, --help            print this help
@@ -269,7 +269,8 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
         else:  # before ${NAME} is expanded: an error shows the reference, never what it holds
             check_type(value, CLIENT_KEYS[key], "%s.%s" % (path, key))
     raw_index = entry.get("index", entry.get("indexPrefix", "") + DEFAULT_INDEX_SUFFIX)
-    entry = substitute(entry, environ, path)
+    # Unknown keys are ignored, so their ${NAME} too: an unset one in a "comment" is no error.
+    entry = substitute({k: v for k, v in entry.items() if k in CLIENT_KEYS}, environ, path)
     secrets: list[str] = []
 
     if ("url" in entry) == ("urls" in entry):
@@ -527,7 +528,7 @@ def document_id(environ: Environ, template_name: str, random_bytes: bytes) -> st
 
     instance = environ.get("CI_SERVER_URL") or server_origin(environ.get("CI_JOB_URL", ""))
     key = "\n".join((instance.rstrip("/"), str(job_id), template_name))
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:40]
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
 def server_origin(url: str) -> str:
@@ -918,7 +919,8 @@ def deliver_all(clients: list[Client], document: dict[str, Json], identifier: st
                 report: Callable[[Outcome], None], debug: Callable[[str], None]) -> list[Outcome]:
     """Deliver to every client at once; report each outcome as soon as it is known, and a
     client still busy at the end of its budget (plus a margin) as a timeout."""
-    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    # "replace": a job variable that was not UTF-8 reaches us with surrogates; send it mended.
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
     moment = time.gmtime(now)
     started = time.monotonic()  # loading CA files is part of each client's budget
     contexts = prepare_tls(clients)
@@ -1313,7 +1315,7 @@ def main(argv: list[str] | None = None, environ: Environ | None = None) -> int:
     try:
         if arguments.service:
             stop_on_signals()  # before listening: once the port answers, a SIGTERM may follow
-            port = service_port(environ, info)
+            port = service_port(environ, log)  # a warning: shown even with -q
             listener = listen(port)  # the runner's health check is waiting
             if listener is not None:
                 debug("service mode: listening on port %d" % port)
@@ -1344,26 +1346,26 @@ def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
     try:
         text, source = read_configuration(arguments.config, environ)
         debug("configuration: %s" % source)
-        clients = load_configuration(text, environ, source, info) if text is not None else []
+        clients = load_configuration(text, environ, source, log) if text is not None else []
         if arguments.check:
             if text is None:
                 raise ConfigError("", "no configuration to check (--config, $%s or config.json)"
                                   % CONFIGURATION_VARIABLE)
             for client in clients:
-                warn_insecure(client, info)
+                warn_insecure(client)
             return 0 if check_all(clients, now, show) else 1
         name, version = template_arguments(arguments, environ)
         document = build_document(environ, name, version, now)
         identifier = document_id(environ, name, os.urandom(16))
-        if arguments.dry_run:
-            plan = dry_run_report(clients, document, identifier, now)
+        if arguments.dry_run:  # with no configuration at all, just the document
+            plan = document if text is None else dry_run_report(clients, document, identifier, now)
             show(json.dumps(plan, indent=2, ensure_ascii=False))
             return 0
         if not clients:
             info("no server configured (%s): nothing sent" % source)
             return 0
         for client in clients:
-            warn_insecure(client, info)
+            warn_insecure(client)
 
         def report(outcome: Outcome) -> None:
             (info if outcome.delivered else log)(outcome.line())
@@ -1381,9 +1383,9 @@ def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
     return 1 if failed and arguments.strict and not arguments.service else 0
 
 
-def warn_insecure(client: Client, info: Callable[[str], None]) -> None:
-    if client.skip_ssl_verification and client.uses_tls:
-        info("warning: %s: TLS certificate verification is disabled (skipSslVerification)"
+def warn_insecure(client: Client) -> None:
+    if client.skip_ssl_verification and client.uses_tls:  # a warning: shown even with -q
+        log("warning: %s: TLS certificate verification is disabled (skipSslVerification)"
              % client.server)
 
 

@@ -29,8 +29,8 @@ def test_dry_run_on_a_fresh_clone_prints_the_document():
     result = run_probe("--dry-run", "maven", "3.9.0")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert plan["document"]["@type"] == "ci-job"
-    assert plan["document"]["template"] == {"name": "maven", "version": "3.9.0"}
+    assert plan["@type"] == "ci-job"
+    assert plan["template"] == {"name": "maven", "version": "3.9.0"}
 
 
 def test_dry_run_opens_no_connection(standin, tmp_path):
@@ -106,6 +106,24 @@ def test_quiet_hides_success_but_not_failure(standin, tmp_path):
     result = run_probe("maven", "1", "--config", config, "-q")
     assert "delivered" not in result.stderr
     assert "failed" in result.stderr and dead in result.stderr
+
+
+def test_quiet_still_shows_warnings(standin, tmp_path):
+    config = write_config(tmp_path, {"url": standin.url, "tiemout": 5},
+                          {"url": "https://127.0.0.1:%d" % unused_port(), "skipSslVerification": True,
+                           "timeout": 0.5})
+    result = run_probe("maven", "1", "--config", config, "-q")
+    assert "clients[0].tiemout: unknown key" in result.stderr
+    assert "TLS certificate verification is disabled" in result.stderr
+    assert "delivered" not in result.stderr
+    assert len(standin.documents) == 1
+
+
+def test_dry_run_with_a_configuration_shows_the_document_and_each_request(tmp_path):
+    config = write_config(tmp_path, {"url": "http://es:9200"})
+    plan = json.loads(run_probe("--dry-run", "maven", "1", "--config", config).stdout)
+    assert plan["document"]["@type"] == "ci-job"
+    assert [request["server"] for request in plan["requests"]] == ["http://es:9200"]
 
 
 def test_verbose_logs_each_attempt(standin, tmp_path):
@@ -279,7 +297,7 @@ def test_check_opensearch_with_security_is_authenticated(standin, tmp_path):
 def test_dry_run_still_works_when_disabled(tmp_path):
     result = run_probe("--dry-run", "maven", "1", env=probe_env(TRACKING_DISABLED="1"))
     assert result.returncode == 0
-    assert json.loads(result.stdout)["document"]["template"]["name"] == "maven"
+    assert json.loads(result.stdout)["template"]["name"] == "maven"
     assert "disabled" in result.stderr
 
 
@@ -288,7 +306,7 @@ def test_output_is_utf8_whatever_the_locale(tmp_path):
     result = subprocess.run([sys.executable, TRACKING, "--dry-run", "maven", "1"], env=env,
                             capture_output=True, timeout=30, check=False)
     assert result.returncode == 0
-    assert json.loads(result.stdout.decode("utf-8"))["document"]["ci"]["job"]["name"] == "déploiement ✓"
+    assert json.loads(result.stdout.decode("utf-8"))["ci"]["job"]["name"] == "déploiement ✓"
 
 
 def test_check_names_the_node_that_answered(standin, tmp_path):

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import ROOT, SECRET, TRACKING, probe_env, run_probe
+from conftest import ROOT, SECRET, TRACKING, probe_env, run_probe, write_config
 
 import tracking
 
@@ -281,3 +281,10 @@ def test_absurdly_nested_json_is_a_configuration_error(tmp_path):
     result = run_probe("maven", "1", "--config", str(path))
     assert result.returncode == 2, result.stderr
     assert "nested too deeply" in result.stderr
+
+
+def test_an_unknown_key_is_not_expanded_so_its_unset_variable_is_no_error(tmp_path):
+    config = write_config(tmp_path, {"url": "http://es:9200", "comment": "set ${NOT_SET_ANYWHERE}"})
+    result = run_probe("--dry-run", "maven", "1", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "clients[0].comment: unknown key" in result.stderr

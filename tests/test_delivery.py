@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import Trickle, run_probe, unused_port, write_config
+from conftest import TRACKING, Trickle, probe_env, run_probe, unused_port, write_config
 
 import tracking
 
@@ -239,3 +241,16 @@ def test_retries_go_on_until_the_end_of_the_budget(tmp_path):
     result, _ = deliver_to(tmp_path, {"url": dead, "timeout": 2})
     assert "error=connection: connection refused" in result.stderr
     assert int(result.stderr.split("ms=")[1].split()[0]) >= 1500
+
+
+def test_a_job_variable_that_is_not_utf8_does_not_lose_the_document(standin, tmp_path):
+    config = write_config(tmp_path, {"url": standin.url})
+    env = {k.encode(): v.encode() for k, v in probe_env(CI_JOB_NAME="x").items()}
+    env[b"CI_JOB_NAME"] = b"build \xff\xfe ok"  # what a job may hold whatever the locale
+    result = subprocess.run([sys.executable, TRACKING, b"maven\xff", "1", "--config", config,
+                             "--strict"], env=env, capture_output=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    (document,) = standin.documents.values()
+    name = document["ci"]["job"]["name"]
+    assert name.startswith("build ") and name.endswith(" ok")
+    assert document["template"]["name"].startswith("maven")

@@ -84,7 +84,7 @@ def test_unicode_passes_through_intact_to_the_wire():
     env = probe_env(CI_JOB_NAME="construire 🚀 l'été", CI_RUNNER_DESCRIPTION="ランナー")
     result = run_probe("--dry-run", "maven", "3.9.0", env=env)
     assert result.returncode == 0, result.stderr
-    document = json.loads(result.stdout)["document"]
+    document = json.loads(result.stdout)
     assert document["ci"]["job"]["name"] == "construire 🚀 l'été"
     assert document["ci"]["runner"]["description"] == "ランナー"
 
@@ -120,13 +120,13 @@ def test_template_comes_from_variables_when_arguments_are_absent():
     env = probe_env(TRACKING_TEMPLATE_NAME="gradle", TRACKING_TEMPLATE_VERSION="2.1.0")
     result = run_probe("--dry-run", env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["document"]["template"] == {"name": "gradle", "version": "2.1.0"}
+    assert json.loads(result.stdout)["template"] == {"name": "gradle", "version": "2.1.0"}
 
 
 def test_arguments_win_over_variables():
     env = probe_env(TRACKING_TEMPLATE_NAME="gradle", TRACKING_TEMPLATE_VERSION="2.1.0")
     result = run_probe("--dry-run", "maven", "3.9.0", env=env)
-    assert json.loads(result.stdout)["document"]["template"] == {"name": "maven", "version": "3.9.0"}
+    assert json.loads(result.stdout)["template"] == {"name": "maven", "version": "3.9.0"}
 
 
 def test_no_template_anywhere_is_a_usage_error():
