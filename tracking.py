@@ -76,9 +76,9 @@ INDEX_FORBIDDEN_CHARACTERS = '\\/*?"<>|,#: '
 
 RETRY_STATUSES = (429, 502, 503, 504)
 # What servers without security answer to its endpoints: no such handler, security off, or
-# (no such endpoint at all) "/_security/..." read as an index name.
+# (no such endpoint at all) "/_security/..." read as an index name (OpenSearch 1.x: no such index).
 SECURITY_ABSENT_HINTS = ("no handler found", "incorrect http method", "not enabled",
-                         "explicitly enabled", "invalid index name [_")
+                         "explicitly enabled", "invalid index name [_", "no such index [_")
 # How servers refuse a request path of another version: Elasticsearch 8+ and OpenSearch 2+ a
 # typed URL, Elasticsearch 5 and 6 a typeless one (read as the type "_create").
 WRONG_VERSION_SIGNS = ("no handler found for uri", "can't start with '_'")

@@ -32,8 +32,8 @@ Usage::
     server = pool.get("opensearch", "2.19.6")
     pool.stop_all()
 
-Proven versions (``MATRIX``): OpenSearch 2.19.6 (Java 17) and 3.8.0 (Java 21+),
-Elasticsearch 7.17.29 (Java 17), 8.8.2 and 8.19.21 (Java 17) and 9.2.4 (Java 21+).
+Proven versions (``MATRIX``): OpenSearch 1.3.20 and 2.19.6 (Java 17) and 3.8.0 (Java 21+),
+Elasticsearch 6.8.23 and 7.17.29 (Java 17), 8.8.2 and 8.19.21 (Java 17) and 9.2.4 (Java 21+).
 ``python tests/realservers.py --prepare`` downloads and unpacks them all (a CI warm-up).
 Elasticsearch zips include x-pack security (security=True, tls=True work on 8
 and 9; on 7.17 security is switched off); the OpenSearch integ-test zips carry
@@ -91,6 +91,8 @@ OPENSEARCH = "opensearch"
 
 # Newest patch of each line that both resolved on Maven Central and started here.
 MATRIX = [
+    (ELASTICSEARCH, "6.8.23"),
+    (OPENSEARCH, "1.3.20"),
     (OPENSEARCH, "2.19.6"),
     (OPENSEARCH, "3.8.0"),
     (ELASTICSEARCH, "7.17.29"),
@@ -484,6 +486,8 @@ class Server:
     def client_config(self, **extra):
         """A tracking.py `clients` entry for this server (admin auth, CA when tls)."""
         client = {"url": self.url, "timeout": 10}
+        if self.flavour == ELASTICSEARCH and _major(self.version) < 7:
+            client["esMajorVersion"] = _major(self.version)  # typed URLs
         if self.admin_auth:
             client["authentication"] = {"username": self.admin_auth[0], "password": self.admin_auth[1]}
         if self.ca_path:
@@ -562,7 +566,7 @@ def _settings(flavour, version, port, workdir, security, tls):
         # A shared CI disk may be nearly full; we never want read-only indices for that.
         "cluster.routing.allocation.disk.threshold_enabled": "false",
     }
-    if flavour == ELASTICSEARCH:
+    if flavour == ELASTICSEARCH and (security or _major(version) >= 7):  # 6.x zips are oss: no x-pack
         settings["xpack.security.enabled"] = "true" if security else "false"
         if tls:
             settings.update({

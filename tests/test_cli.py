@@ -320,3 +320,19 @@ def test_check_of_an_empty_configuration_fails(tmp_path):
     result = check(tmp_path)
     assert result.returncode == 1
     assert result.stdout.startswith("FAIL  no server configured")
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (400, "no handler found for uri [/_security/user/_has_privileges] and method [POST]"),
+    (500, "Security must be explicitly enabled when using a [basic] license"),
+    (400, "invalid_index_name_exception: Invalid index name [_plugins], must not start with '_'."),
+    (404, "index_not_found_exception: no such index [_plugins]"),  # OpenSearch 1.x
+])
+def test_check_reads_a_server_without_security_as_writable(status, error):
+    ok, text = tracking.unchecked(tracking.Response(status, error), "opensearch 1.3.20", "ci-job-2026.12")
+    assert ok and "security not enabled" in text
+
+
+def test_check_fails_a_privilege_question_refused_for_another_reason():
+    ok, text = tracking.unchecked(tracking.Response(403, "security_exception: no"), "elasticsearch 8", "i")
+    assert not ok and "cannot check the write privilege (403" in text

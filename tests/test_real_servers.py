@@ -42,6 +42,8 @@ MATRIX = [
     (ELASTICSEARCH, "7.17.29", False, False),
     ES8,
     (ELASTICSEARCH, "9.2.4", True, False),
+    (OPENSEARCH, "1.3.20", False, False),  # last: MATRIX[0] and MATRIX[4] are named below
+    (ELASTICSEARCH, "6.8.23", False, False),  # esMajorVersion 6: typed URLs (an oss zip)
 ]
 
 POOL = realservers.ServerPool(max_running=2)  # 2 cores on a shared box
@@ -217,7 +219,8 @@ def test_document_round_trips_with_every_field_type_and_mapping(server, prefix):
 
     status, mapping = server.request("GET", f"/{index}/_mapping")
     assert status == 200, mapping
-    types = field_types(mapping[index]["mappings"]["properties"])
+    mappings = mapping[index]["mappings"]
+    types = field_types(mappings.get("_doc", mappings)["properties"])  # 6.x: under the type
     assert types["@timestamp"] == "date"
     # Every field of the document is mapped, and by its JSON type: integers long, strings text.
     leaves = json_leaves(expected)  # without @timestamp, popped above
