@@ -312,6 +312,8 @@ def parse_client(entry: Json, environ: Environ, path: str, warn: Callable[[str],
     prefix = optional(entry, "indexPrefix", str, path, "")
     if "index" in entry:
         index_pattern, index_path = require(entry, "index", str, path), path + ".index"
+        if "indexPrefix" in entry:
+            warn("warning: %s.indexPrefix: ignored, %s.index names the whole index" % (path, path))
     else:
         index_pattern, index_path = prefix + DEFAULT_INDEX_SUFFIX, path + ".indexPrefix"
     problem = index_name_problem(expand_index(index_pattern, time.gmtime(0)))

@@ -288,3 +288,11 @@ def test_an_unknown_key_is_not_expanded_so_its_unset_variable_is_no_error(tmp_pa
     result = run_probe("--dry-run", "maven", "1", "--config", config)
     assert result.returncode == 0, result.stderr
     assert "clients[0].comment: unknown key" in result.stderr
+
+
+def test_index_prefix_beside_index_is_warned_about(tmp_path):
+    config = write_config(tmp_path, {"url": "http://es:9200", "index": "stats-{YYYY}", "indexPrefix": "tbc-"})
+    result = run_probe("--dry-run", "maven", "1", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "clients[0].indexPrefix: ignored, clients[0].index names the whole index" in result.stderr
+    assert json.loads(result.stdout)["requests"][0]["index"].startswith("stats-")

@@ -233,6 +233,8 @@ def test_image_has_no_shell_and_read_only_root_owned_files(image: str) -> None:
     as_user = json.dumps(["/usr/bin/python3.13", "-c", write])
     proc = podman("run", "--rm", "--entrypoint", as_user, image, check=False)
     assert proc.returncode == 1 and "PermissionError" in proc.stderr
+    ids = json.dumps(["/usr/bin/python3.13", "-c", "import os; print(os.getuid(), os.getgid())"])
+    assert podman("run", "--rm", "--entrypoint", ids, image).stdout.split() == ["65532", "65532"]
 
 
 # ==== As a GitLab service
@@ -319,20 +321,26 @@ def test_service_delivers_to_a_real_opensearch(image: str) -> None:
 # ==== Precompiled modules
 
 
-@pytest.mark.parametrize("command", [["--service", "maven", "4.1.0"], ["--dry-run", "maven", "4.1.0"]])
+@pytest.mark.parametrize("command", [["--service", "maven", "4.1.0"], ["--dry-run", "maven", "4.1.0"],
+                                     ["--check"]])
 def test_the_probe_loads_every_python_module_from_a_precompiled_file(
     image: str, fresh: StandIn, command: list[str]
 ) -> None:
     """python -v logs "code object from <file>" for each module it loads from a source or .pyc file."""
     env = dict(JOB_ENV, HEALTHCHECK_TCP_PORT=str(free_port()))
+    if command == ["--check"]:  # the TLS, authentication and privilege paths too
+        clients = [{"url": fresh.url, "authentication": {"apiKey": "a2V5"}},
+                   {"url": "https://127.0.0.1:%d" % free_port(), "skipSslVerification": True,
+                    "authentication": {"username": "u", "password": "p"}, "timeout": 1}]
+        env["TRACKING_CONFIGURATION"] = json.dumps({"clients": clients})
     service = Service(image, env, command, options=("--entrypoint", entrypoint(image, ("-v",))))
     try:
         if command[0] == "--service":
             wait_for_put(fresh)
             logs = service.wait_for_log("delivered status=201")
             assert service.terminate() == 0
-        else:
-            assert int(podman("wait", service.name).stdout.strip()) == 0
+        else:  # --check fails the dead https server: exit 1
+            assert int(podman("wait", service.name).stdout.strip()) == (1 if command == ["--check"] else 0)
             logs = service.logs()
     finally:
         service.remove()
