@@ -883,8 +883,9 @@ def deliver(client: Client, opener: urllib.request.OpenerDirector, index: str, i
             response = open_within(share, opener, server + path, headers, body)
         else:
             response = open_url(opener, "PUT", server + path, headers, body, share)
-        debug(redact("%s attempt %d: status=%s %s" % (server + path, attempts, response.status,
-                                                      response.error), client.secrets))
+        status = response.status if response.status is not None else "-"
+        debug(redact("%s attempt %d: status=%s %s" % (server + path, attempts, status, response.error),
+                     client.secrets))
         if is_delivered(response.status) or not response.retryable:
             break
         if attempts % nodes:

@@ -221,10 +221,12 @@ def test_example_configuration_is_valid_and_complete():
     result = run_probe("--dry-run", "--config", str(ROOT / "config.example.json"), "maven", "3.9.0")
     assert result.returncode == 0, result.stderr
     assert "unknown key" not in result.stderr
-    keys = set()
+    keys, authentication = set(), set()
     for client in json.loads((ROOT / "config.example.json").read_text())["clients"]:
         keys |= set(client)
-    assert keys >= set(tracking.CLIENT_KEYS) - {"clientCertificate", "clientKey"}
+        authentication |= set(client.get("authentication", {}))
+    assert keys == set(tracking.CLIENT_KEYS)
+    assert authentication == set(tracking.AUTHENTICATION_KEYS)
 
 
 @pytest.mark.parametrize("authentication", [{"username": "", "password": ""}, {"apiKey": ""},
