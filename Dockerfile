@@ -27,7 +27,8 @@ COPY --chmod=0444 tracking.py config.jso[n] /app/
 # imports as unchecked-hash .pyc files (valid whatever the file times, so they survive COPY):
 # the import statements of tracking.py, read with ast (also those inside functions), what they
 # import in turn, and what the standard library imports lazily (host names -> encodings.idna
-# -> stringprep; the configuration file is read as utf-8-sig -> encodings.utf_8_sig). tests/test_image.py checks that the probe's runs load no module from source.
+# -> stringprep; the configuration file is read as utf-8-sig -> encodings.utf_8_sig).
+# tests/test_image.py checks that the probe's runs load no module from source.
 # -B: the imports done here leave no timestamp .pyc behind.
 USER 0
 RUN ["/usr/bin/python3.13", "-I", "-B", "-c", "\

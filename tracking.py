@@ -814,6 +814,11 @@ def transport_failure(error: BaseException) -> Response:
 # ============================================================================ Delivery
 
 
+def status_text(status: int | None) -> str:
+    """An HTTP status as log lines show it: "-" when there was no answer."""
+    return "-" if status is None else str(status)
+
+
 def is_delivered(status: int | None) -> bool:
     """2xx, or 409: create semantics say the document is already there."""
     return status is not None and (200 <= status < 300 or status == 409)
@@ -846,7 +851,7 @@ class Outcome:
         """The log line: server, index, outcome, HTTP status, attempts, milliseconds."""
         text = "%s index=%s %s status=%s attempts=%d ms=%d" % (
             self.server, self.index, "delivered" if self.delivered else "failed",
-            self.status if self.status is not None else "-", self.attempts, self.milliseconds)
+            status_text(self.status), self.attempts, self.milliseconds)
         if self.error and not self.delivered:
             text += " error=" + self.error
         return redact(text, self.client.secrets)
@@ -883,8 +888,8 @@ def deliver(client: Client, opener: urllib.request.OpenerDirector, index: str, i
             response = open_within(share, opener, server + path, headers, body)
         else:
             response = open_url(opener, "PUT", server + path, headers, body, share)
-        status = response.status if response.status is not None else "-"
-        debug(redact("%s attempt %d: status=%s %s" % (server + path, attempts, status, response.error),
+        debug(redact("%s attempt %d: status=%s %s" % (server + path, attempts,
+                                                      status_text(response.status), response.error),
                      client.secrets))
         if is_delivered(response.status) or not response.retryable:
             break
@@ -1354,8 +1359,7 @@ def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
             if text is None:
                 raise ConfigError("", "no configuration to check (--config, $%s or config.json)"
                                   % CONFIGURATION_VARIABLE)
-            for client in clients:
-                warn_insecure(client)
+            warn_insecure(clients)
             return 0 if check_all(clients, now, show) else 1
         name, version = template_arguments(arguments, environ)
         document = build_document(environ, name, version, now)
@@ -1367,8 +1371,7 @@ def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
         if not clients:
             info("no server configured (%s): nothing sent" % source)
             return 0
-        for client in clients:
-            warn_insecure(client)
+        warn_insecure(clients)
 
         def report(outcome: Outcome) -> None:
             (info if outcome.delivered else log)(outcome.line())
@@ -1386,10 +1389,11 @@ def run(arguments: Arguments, environ: Environ, info: Callable[[str], None],
     return 1 if failed and arguments.strict and not arguments.service else 0
 
 
-def warn_insecure(client: Client) -> None:
-    if client.skip_ssl_verification and client.uses_tls:  # a warning: shown even with -q
-        log("warning: %s: TLS certificate verification is disabled (skipSslVerification)"
-             % client.server)
+def warn_insecure(clients: list[Client]) -> None:
+    for client in clients:
+        if client.skip_ssl_verification and client.uses_tls:  # a warning: shown even with -q
+            log("warning: %s: TLS certificate verification is disabled (skipSslVerification)"
+                % client.server)
 
 
 if __name__ == "__main__":

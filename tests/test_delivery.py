@@ -12,6 +12,11 @@ from conftest import TRACKING, Trickle, probe_env, run_probe, unused_port, write
 import tracking
 
 
+def logged_ms(line: str) -> int:
+    """The ms=<n> of a log line (the first one, in a longer text)."""
+    return int(line.split("ms=")[1].split()[0])
+
+
 def deliver_to(tmp_path, *clients: dict, args: tuple = ()):
     config = write_config(tmp_path, *clients)
     started = time.monotonic()
@@ -118,7 +123,7 @@ def test_a_blackholed_server_is_bounded_and_never_delays_the_others(standin, bla
     lines = result.stderr.strip().splitlines()
     assert "tracking: %s index=" % standin.url in lines[0]  # reported as soon as it is done
     assert "failed status=- " in lines[1] and "error=timeout" in lines[1]
-    delivered_ms = int(lines[0].split("ms=")[1].split()[0])
+    delivered_ms = logged_ms(lines[0])
     assert delivered_ms < 1500
 
 
@@ -202,7 +207,7 @@ def test_a_trickling_node_does_not_take_the_other_nodes_turn(standin, trickle, t
     assert len(standin.documents) == 1
     assert "tracking: %s index=" % standin.url in result.stderr
     assert "delivered status=201 attempts=2" in result.stderr
-    delivered_ms = int(result.stderr.split("ms=")[1].split()[0])
+    delivered_ms = logged_ms(result.stderr)
     assert 900 <= delivered_ms < 2000  # the trickling node had its half of the budget, no more
 
 
@@ -222,7 +227,7 @@ def test_a_timeout_is_reported_within_the_budget_and_its_margin(blackhole, tmp_p
     result, _ = deliver_to(tmp_path, {"url": blackhole.url, "timeout": 1})
     (line,) = result.stderr.strip().splitlines()
     assert "error=timeout" in line
-    ms = int(line.split("ms=")[1].split()[0])
+    ms = logged_ms(line)
     # measured by the probe itself: the budget, plus its join margin, plus scheduling slack
     assert 1000 <= ms <= 1000 + tracking.JOIN_MARGIN * 1000 + 250, line
 
@@ -232,7 +237,7 @@ def test_each_client_is_held_to_its_own_budget(trickle, blackhole, tmp_path):
                            {"url": blackhole.url, "timeout": 3})
     lines = result.stderr.strip().splitlines()
     assert trickle.url in lines[0] and "error=timeout" in lines[0]  # reported first, at its own end
-    assert int(lines[0].split("ms=")[1].split()[0]) < 1000 + 1000
+    assert logged_ms(lines[0]) < 1000 + 1000
     assert blackhole.url in lines[1]
 
 
@@ -240,7 +245,7 @@ def test_retries_go_on_until_the_end_of_the_budget(tmp_path):
     dead = "http://127.0.0.1:%d" % unused_port()
     result, _ = deliver_to(tmp_path, {"url": dead, "timeout": 2})
     assert "error=connection: connection refused" in result.stderr
-    assert int(result.stderr.split("ms=")[1].split()[0]) >= 1500
+    assert logged_ms(result.stderr) >= 1500
 
 
 def test_a_job_variable_that_is_not_utf8_does_not_lose_the_document(standin, tmp_path):
